@@ -1,0 +1,1 @@
+"""LLaVA-Rad in plain PyTorch."""
