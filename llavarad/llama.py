@@ -1,0 +1,168 @@
+"""The Llama-2 decoder (Vicuna-7B v1.5), read top to bottom, with a preallocated KV cache.
+
+The model works on input embeddings, not token ids, because LLaVA splices image features into
+the embedding sequence. Three ways to call it:
+  - training / uncached: `cache=False`, causal attention over the batch (optionally with a mask);
+  - prefill: `cache=True` with positions 0..T-1 for every row; rows of different lengths are
+    right-padded, so causal attention never lets a real token see a pad;
+  - decode: `cache=True` with T == 1 and a per-row position. Each row writes its key/value at
+    its own slot and attends to slots <= its position, which also hides the pad slots that the
+    prefill wrote past a short row's end (they are overwritten before they become visible).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llavarad.config import LlamaConfig
+
+try:  # optional: used for CUDA tensors when installed
+    from flash_attn import flash_attn_func, flash_attn_with_kvcache
+except ImportError:
+    flash_attn_func = flash_attn_with_kvcache = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32, cast back, then scale: the order Hugging Face uses, so bf16 agrees.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(pos: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for positions `pos` (B, T) in the rotate-half layout: (B, T, head_dim) each."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    freqs = pos.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, H, hd); Hugging Face stores q/k weights for this rotate-half pairing."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache in flash-attn's layout (B, S, H_kv, hd)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k, v (B, T, H_kv, hd) at slots pos (B, T), a different slot per row allowed."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(pos)  # (B, T)
+        self.k[rows, pos] = k
+        self.v[rows, pos] = v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if use_cache:
+            self.cache.write(pos, k, v)
+        if use_cache and T == 1:  # decode: attend to this row's cache slots 0..pos
+            y = self._decode_attention(q, pos)
+        else:  # training or prefill from position 0: causal over the fresh keys
+            y = self._causal_attention(q, k, v, mask)
+        return self.o_proj(y.reshape(B, T, -1))
+
+    def _causal_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        if mask is None and flash_attn_func is not None and q.is_cuda:
+            return flash_attn_func(q, k, v, causal=True)  # (B, T, H, hd)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # mask (B, 1, T, T) bool, True = may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.transpose(1, 2)  # (B, T, H, hd)
+
+    def _decode_attention(self, q: Tensor, pos: Tensor) -> Tensor:
+        cache = self.cache
+        if flash_attn_with_kvcache is not None and q.is_cuda:
+            seqlens = (pos[:, 0] + 1).to(torch.int32)  # keys 0..pos are valid for each row
+            return flash_attn_with_kvcache(q, cache.k, cache.v, cache_seqlens=seqlens)
+        k = self._repeat_kv(cache.k.transpose(1, 2))  # (B, H, S, hd)
+        v = self._repeat_kv(cache.v.transpose(1, 2))
+        slots = torch.arange(k.shape[2], device=q.device)
+        mask = (slots[None, :] <= pos)[:, None, None, :]  # (B, 1, 1, S)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)  # (B, H, 1, hd)
+        return y.transpose(1, 2)
+
+    def _repeat_kv(self, t: Tensor) -> Tensor:
+        """(B, Hkv, S, hd) -> (B, H, S, hd) for grouped-query attention."""
+        n_rep = self.n_heads // self.n_kv_heads
+        return t if n_rep == 1 else t.repeat_interleave(n_rep, dim=1)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, pos, use_cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """Preallocate every layer's cache; the model is then called with `use_cache=True`."""
+        cfg, w = self.cfg, self.lm_head.weight
+        for layer in self.layers:
+            layer.attn.cache = KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device)
+
+    def forward(self, h: Tensor, pos: Tensor, use_cache: bool = False, mask: Tensor | None = None) -> Tensor:
+        """Input embeddings h (B, T, dim) at positions pos (B, T) -> final normed hidden states (B, T, dim).
+
+        Logits are left to the caller (`self.lm_head`), which usually needs only a few positions.
+        """
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, pos, use_cache, mask)
+        return self.norm(h)
