@@ -1,0 +1,174 @@
+"""Training data: records -> token ids with label masks + preprocessed image, batched with little padding.
+
+- `TrainDataset` tokenizes one record with the stage's template ("plain" or "v1", llavarad.tokenizer)
+  and loads + preprocesses its image; it runs in the DataLoader's worker processes. The image
+  token is expanded in place into the N slots the projected patches will fill, so the model only
+  scatters features into a mask. A sample longer than `max_len` is cut at the end (and reported);
+  an unreadable image gives a sample with nothing supervised (counted, see train_loop).
+- `StepSampler` deals out micro-batches as a pure function of the optimizer step: step s takes the
+  next `global_batch` indices of a per-epoch permutation, sorts them by length so each micro-batch
+  holds samples of similar lengths (little padding), and deals the micro-batches to the ranks. Resuming
+  at step s needs only s, and the global batch is the same whatever the world size.
+- `collate` right-pads; causal attention never lets a real token see a pad, and pads are not supervised.
+
+No packing: a LLaVA-Rad sample is 1369 image slots + 60 to 300 text tokens, so two never share a
+2048-token row, and length grouping already keeps padding to a few tokens per row.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from llavarad.images import load_image, preprocess
+from llavarad.records import Record, load_records
+from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
+
+TEMPLATES = {"pretrain": "plain", "lora": "v1"}
+
+
+def load_train_records(path: str | Path, loader: str) -> list[Record]:
+    """The records that have findings to learn; records with empty findings are dropped, and said so."""
+    records = load_records(path, loader)
+    kept = [r for r in records if r.reference and r.reference.strip()]
+    if len(kept) < len(records):
+        empty = next(r for r in records if not (r.reference and r.reference.strip()))
+        print(f"warning: {path}: skipped {len(records) - len(kept)} records with empty findings (e.g. id {empty.id})", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"{path}: no record with findings to train on (loader {loader!r})")
+    return kept
+
+
+def text_length(record: Record, template: str) -> int:
+    """A cheap stand-in for the token count, used only to order samples by length."""
+    return len(record.reference) + (len(record.question) if template == "v1" else 0)
+
+
+class TrainDataset(Dataset):
+    """Index i < len: record i. Index i >= len: record i % len with nothing supervised, a filler
+    that gives every rank the same number of validation batches (FSDP needs every rank in every forward)."""
+
+    def __init__(self, records: list[Record], image_folder: str | Path, tokenizer: Tokenizer, template: str,
+                 n_image_tokens: int, image_size: int, max_len: int):
+        if template not in TEMPLATES.values():
+            raise ValueError(f"template {template!r}: choose from {', '.join(TEMPLATES.values())}")
+        self.records, self.image_folder, self.tokenizer = records, Path(image_folder), tokenizer
+        self.template, self.n_image_tokens, self.image_size, self.max_len = template, n_image_tokens, image_size, max_len
+        at = self.encode(records[0])[0].index(IMAGE_TOKEN_INDEX)
+        if at + n_image_tokens >= max_len:
+            raise ValueError(f"max_len {max_len} cuts into the image: the {template} prompt needs at least {at + n_image_tokens + 1} tokens")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode(self, record: Record) -> tuple[list[int], list[int]]:
+        if self.template == "plain":
+            return self.tokenizer.encode_plain(record.reference)
+        return self.tokenizer.encode_v1(record.question, record.reference)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i % len(self.records)]
+        ids, labels = self.encode(record)
+        at = ids.index(IMAGE_TOKEN_INDEX)
+        n = self.n_image_tokens
+        # The image token becomes n slots (token 0, never embedded: the patches overwrite them).
+        tokens = ids[:at] + [0] * n + ids[at + 1 :]
+        labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
+        truncated = len(tokens) > self.max_len
+        if truncated:
+            print(f"warning: record {record.id}: {len(tokens)} tokens, cut to max_len {self.max_len}", file=sys.stderr)
+            tokens, labels = tokens[: self.max_len], labels[: self.max_len]
+        path = self.image_folder / record.image
+        try:
+            pixels = preprocess(load_image(path), self.image_size)  # (3, S, S)
+            missing = False
+        except (OSError, ValueError) as e:  # missing, unreadable or corrupt: skip the sample, keep the batch shape
+            print(f"warning: record {record.id}: {e}; sample skipped", file=sys.stderr)
+            pixels, missing = torch.zeros(3, self.image_size, self.image_size), True
+        if missing or i >= len(self.records):
+            labels = [IGNORE_INDEX] * len(labels)
+        return {
+            "tokens": torch.tensor(tokens),
+            "labels": torch.tensor(labels),
+            "image_slots": (at, n),
+            "pixels": pixels,
+            "missing": missing and i < len(self.records),
+            "truncated": truncated and i < len(self.records),
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Right-pad to the longest sample: tokens/labels/image_mask (B, T), pixels (B, 3, S, S), and counts."""
+    B, T = len(samples), max(len(s["tokens"]) for s in samples)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    image_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        n = len(s["tokens"])
+        tokens[b, :n], labels[b, :n] = s["tokens"], s["labels"]
+        at, n_image = s["image_slots"]
+        image_mask[b, at : at + n_image] = True
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "image_mask": image_mask,
+        "pixels": torch.stack([s["pixels"] for s in samples]),
+        "n_real": sum(len(s["tokens"]) for s in samples),  # tokens that are not padding
+        "n_missing": sum(s["missing"] for s in samples),
+        "n_truncated": sum(s["truncated"] for s in samples),
+    }
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per rank per optimizer step; the global batch must split evenly."""
+    if global_batch % (micro_batch * world):
+        raise ValueError(
+            f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} x world size {world}; "
+            f"choose a global batch that {micro_batch * world} divides, or another micro batch or number of processes"
+        )
+    return global_batch // (micro_batch * world)
+
+
+class StepSampler:
+    """The batch sampler of one rank: for each optimizer step in [start_step, total_steps), its
+    `accum` micro-batches, in order. Epochs follow each other without a break; the last
+    len % global_batch samples of each epoch's permutation wait for a later epoch."""
+
+    def __init__(self, lengths: list[int], global_batch: int, micro_batch: int, rank: int, world: int,
+                 seed: int, start_step: int, total_steps: int):
+        self.accum = accumulation_steps(global_batch, micro_batch, world)
+        if len(lengths) < global_batch:
+            raise ValueError(f"{len(lengths)} samples are fewer than one global batch of {global_batch}")
+        self.lengths, self.global_batch, self.micro_batch = lengths, global_batch, micro_batch
+        self.rank, self.world, self.seed = rank, world, seed
+        self.start_step, self.total_steps = start_step, total_steps
+        self.steps_per_epoch = len(lengths) // global_batch
+        self._epoch, self._perm = -1, []
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """All micro-batches of one step, longest samples first; rank r takes r, r + world, ..."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(len(self.lengths), generator=g).tolist()
+        batch = self._perm[k * self.global_batch : (k + 1) * self.global_batch]
+        batch.sort(key=lambda i: -self.lengths[i])
+        return [batch[j : j + self.micro_batch] for j in range(0, self.global_batch, self.micro_batch)]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.total_steps):
+            yield from self.micro_batches(step)[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.accum
+
+
+def eval_batches(n: int, micro_batch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's validation micro-batches covering n samples once; indices >= n are unsupervised
+    fillers (see TrainDataset) so that every rank runs the same number of forwards."""
+    per_round = micro_batch * world
+    total = -(-n // per_round) * per_round
+    micro = [list(range(j, j + micro_batch)) for j in range(0, total, micro_batch)]
+    return micro[rank::world]

@@ -1,0 +1,46 @@
+"""All the parallelism in one place: activation checkpointing and FSDP2 on each decoder block, then
+FSDP2 on the root (tower, projector, embeddings, final norm, lm_head)."""
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.distributed._composable import checkpoint
+from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from llavarad.train_model import TrainModel
+
+# Kept by "selective" checkpointing: the matmul and attention outputs, the expensive part of a
+# block. The backward recomputes only the cheap elementwise ops (norms, RoPE, SiLU, dropout).
+_SAVE = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def parallelize(model: TrainModel, checkpointing: str) -> None:
+    """In place. `checkpointing`: "full" keeps only each block's input and recomputes the block in
+    the backward; "selective" also keeps the matmul outputs; "none" keeps everything."""
+    for block in model.llm.layers:
+        if checkpointing == "full":
+            checkpoint(block)
+        elif checkpointing == "selective":
+            checkpoint(block, context_fn=partial(create_selective_checkpoint_contexts, _save_matmuls))
+        fully_shard(block)
+    fully_shard(model)
+
+
+def ensure_process_group(device: torch.device) -> bool:
+    """FSDP2 needs a process group even for one process; make a one-process one when torchrun did not.
+    Returns True when it made one (the caller destroys it)."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True

@@ -1,0 +1,86 @@
+"""The model as training sees it: frozen tower -> trainable projector -> decoder (frozen, or frozen
+with LoRA), and the summed next-token loss over the supervised positions.
+
+Precision ("bfloat16"): the frozen weights are stored in bf16 (a 7B decoder takes 13.5 GB, not 27),
+what trains (projector, LoRA) stays in float32 as the optimizer's master copy, and the forward runs
+under bf16 autocast, which casts the float32 weights for each matmul. "float32" keeps everything in
+float32 with no autocast (the CPU tests).
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llavarad.config import LoRAConfig
+from llavarad.llama import Llama
+from llavarad.lora import apply_lora
+from llavarad.model import Projector
+from llavarad.tokenizer import IGNORE_INDEX
+from llavarad.vision import VisionTower, load_tower
+from llavarad.weights import TOWER_CKPT, TOWER_JSON, load_llm, load_projector, resolve_folder
+
+
+class TrainModel(nn.Module):
+    """Tower, projector and decoder under one root, so that FSDP gathers every weight the forward uses."""
+
+    def __init__(self, tower: VisionTower, projector: Projector, llm: Llama):
+        super().__init__()
+        self.tower, self.projector, self.llm = tower, projector, llm
+
+    def forward(self, pixels: Tensor, tokens: Tensor, image_mask: Tensor, labels: Tensor) -> Tensor:
+        """pixels (B, 3, S, S); tokens, image_mask, labels (B, T) from data.collate ->
+        the cross-entropy summed over the supervised tokens (normalising is the caller's job,
+        since it divides by the count over all micro-batches and ranks)."""
+        B, T = tokens.shape
+        with torch.no_grad():
+            feats = self.tower(pixels.to(self.tower.pos_embed.dtype))  # (B, N, C), frozen
+        image = self.projector(feats)  # (B, N, dim), the gradient starts here in the pretrain stage
+        h = self.llm.embed_tokens(tokens)  # (B, T, dim)
+        h = h.masked_scatter(image_mask[..., None], image.to(h.dtype))  # the N patches into their N slots
+        pos = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T); right padding keeps positions
+        h = self.llm(h, pos)  # (B, T, dim)
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lora: LoRAConfig,
+                dtype: torch.dtype, device: torch.device) -> TrainModel:
+    """Load the base decoder, the tower and (lora stage) the pretrained projector; freeze what does
+    not train; add LoRA. Seed torch before: the new projector / LoRA weights are drawn here, and every
+    rank must draw the same."""
+    base_dir = resolve_folder(base, "base model")
+    llm = load_llm(base_dir, {}, 1.0, dtype, device).requires_grad_(False)
+    tower = load_tower(*tower_files(tower_dir)).to(device=device, dtype=dtype).requires_grad_(False).eval()
+    if projector is None:
+        proj = Projector(tower.cfg.width, llm.cfg.dim)
+    else:
+        try:
+            proj = load_projector(Path(projector), tower.cfg.width, llm.cfg.dim)
+        except ValueError as e:
+            raise ValueError(f"{e} (the projector must map the tower width {tower.cfg.width} to the decoder width {llm.cfg.dim})") from None
+    proj = proj.to(device=device, dtype=torch.float32)
+    if stage == "lora":
+        apply_lora(llm, lora)
+        for module in llm.modules():  # LoRA weights are created in the frozen dtype: keep a float32 master
+            for name in ("lora_A", "lora_B"):
+                if hasattr(module, name):
+                    setattr(module, name, nn.Parameter(getattr(module, name).detach().float()))
+    return TrainModel(tower, proj, llm)
+
+
+def tower_files(folder: str) -> tuple[str, str]:
+    """The BiomedCLIP-CXR json + checkpoint in `folder` (the release folder has them)."""
+    path = Path(folder)
+    files = (path / TOWER_JSON, path / TOWER_CKPT)
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: no {f.name} (--tower takes the folder with {TOWER_JSON} and {TOWER_CKPT})")
+    return str(files[0]), str(files[1])
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

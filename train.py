@@ -1,0 +1,34 @@
+"""Train LLaVA-Rad: stage 1 ("pretrain", the projector) or stage 2 ("lora", projector + LoRA).
+
+    torchrun --nproc_per_node=4 train.py --stage pretrain --config configs/pretrain.toml \
+        --data chat_train_MIMIC_CXR_all_gpt4extract_rulebased_v1.json --image-folder /data/mimic-cxr-jpg/2.0.0/files \
+        --base lmsys/vicuna-7b-v1.5 --tower /data/llava-rad --output runs/pretrain
+    torchrun --nproc_per_node=4 train.py --stage lora --config configs/lora.toml \
+        --projector runs/pretrain/mm_projector.bin ... --output runs/lora
+
+Every setting of the config file can be given as a flag (`global_batch` -> `--global-batch`);
+flags win. `--resume` continues from the newest checkpoint in the output folder.
+"""
+
+import sys
+
+import torch.distributed as dist
+
+from llavarad.train_config import parse_train_args
+from llavarad.train_loop import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(parse_train_args(argv))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
