@@ -65,7 +65,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     meta = {"stage": cfg.stage, "global_batch": cfg.global_batch, "seed": cfg.seed, "total_steps": total}
     start = 0
-    checkpoints = list_checkpoints(run_dir) if cfg.resume else []
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and not cfg.resume:
+        raise ValueError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it, or choose another --output")
     if checkpoints:
         start = load_checkpoint(checkpoints[-1], params, optimizer, meta)  # also restores the RNG states
         print0(f"resumed from {checkpoints[-1]} at step {start}")
@@ -92,10 +94,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     n_lora = sum(p.numel() for n, p in params.items() if n.startswith("llm."))
     log = MetricsLog(run_dir / "metrics.jsonl", rank == 0, model.llm.cfg, n_lora, cfg.peak_tflops * 1e12 * world)
+    log.keep_until(start)  # lines a killed run wrote after its last checkpoint are written again
     bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True, desc=cfg.stage)
     model.train()
     model.tower.eval()
-    n_missing = n_truncated = 0  # since this process started
+    n_missing = n_truncated = n_seen = 0  # since this process started
     for step in range(start, total):
         micro = [next(batches) for _ in range(accum)]
         # [supervised tokens, real tokens, padded slots, rows, unreadable images, cut samples], all micro-batches and ranks
@@ -103,10 +106,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
                                 b["n_missing"], b["n_truncated"]] for b in micro], dtype=torch.float64).sum(0).to(device)
         dist.all_reduce(counts)
         n_supervised, n_real, n_slots, n_rows, missing, truncated = counts.tolist()
-        n_missing, n_truncated = n_missing + int(missing), n_truncated + int(truncated)
-        if n_missing > cfg.max_missing_frac * len(records):
-            raise ValueError(f"{n_missing} images under {cfg.image_folder} could not be read (more than max_missing_frac "
-                             f"{cfg.max_missing_frac} of {len(records)}); check --image-folder")
+        n_missing, n_truncated, n_seen = n_missing + int(missing), n_truncated + int(truncated), n_seen + int(n_rows)
+        if n_missing > cfg.max_missing_frac * max(n_seen, len(records)):  # budget: a fraction of one epoch at least
+            raise ValueError(f"{n_missing} of {n_seen} images read under {cfg.image_folder} were missing or unreadable "
+                             f"(max_missing_frac {cfg.max_missing_frac}); check --image-folder")
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(micro):
             model.set_requires_gradient_sync(i == accum - 1)  # reduce the gradients once, after the last micro-batch
@@ -222,6 +225,11 @@ class MetricsLog:
         self.write(record)
         self._reset()
         return record
+
+    def keep_until(self, step: int) -> None:
+        if self.main and self.path.is_file():
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in lines))
 
     def write(self, record: dict) -> None:
         if self.main:

@@ -1,0 +1,155 @@
+"""Both training stages on a tiny model (CPU, float32): they overfit, their outputs load in our
+infer.py, in peft and in stage 2, the lr schedule is transformers', and bad settings fail clearly."""
+
+import json
+import math
+
+import pytest
+import torch
+from _train_fixtures import FINDINGS, REASONS, read_metrics, train_args, write_base_and_tower, write_data
+from peft import PeftModel
+from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
+
+import infer
+import train
+from llavarad.config import LoRAConfig
+from llavarad.optim import get_lr
+from llavarad.train_model import build_model
+from llavarad.weights import load_llavarad
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are all per-op overhead: one thread is faster, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Stage 1 then stage 2 on 8 samples, 30 steps each; stage 2 also validates on the training file."""
+    root = tmp_path_factory.mktemp("train")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base, tower = write_base_and_tower(root)
+    data, images = write_data(root)
+    assert train.main(train_args(root, base, tower, data, images, "pretrain", activation_checkpointing="none")) == 0
+    assert train.main(train_args(root, base, tower, data, images, "lora", stage="lora", projector=root / "pretrain" / "mm_projector.bin",
+                                 activation_checkpointing="selective", val_data=data, val_every=15)) == 0
+    torch.set_num_threads(n)
+    return root, base, tower, data, images
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "lora"])
+def test_overfitting_eight_samples(runs, stage):
+    losses = [r["loss"] for r in read_metrics(runs[0] / stage) if "loss" in r]
+    assert len(losses) == 30
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_validation_loss_is_logged(runs):
+    val = [r["val_loss"] for r in read_metrics(runs[0] / "lora") if "val_loss" in r]
+    train_losses = [r["loss"] for r in read_metrics(runs[0] / "lora") if "loss" in r]
+    assert len(val) == 2 and val[1] < val[0] < train_losses[0]
+
+
+def test_pretrain_outputs_official_layout_and_load_into_stage_2(runs):
+    root, base, tower, _, _ = runs
+    saved = torch.load(root / "pretrain" / "mm_projector.bin", weights_only=True)
+    assert sorted(saved) == [f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
+    model = build_model("lora", str(base), str(tower), str(root / "pretrain" / "mm_projector.bin"), LoRAConfig(r=8, alpha=16),
+                        torch.float32, torch.device("cpu"))
+    for key, value in saved.items():  # the official loader's rule: the key after "mm_projector."
+        assert torch.equal(model.projector.state_dict()[key.split("mm_projector.")[1]], value)
+    cfg = json.loads((root / "pretrain" / "config.json").read_text())
+    assert cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["mm_hidden_size"] == 32
+
+
+def test_lora_release_is_the_trained_weights_and_loads_in_peft(runs):
+    root, base, _, _, _ = runs
+    release = root / "lora"
+    assert {"config.json", "adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.bin",
+            "biomedclipcxr_518.json", "biomedclipcxr_518_checkpoint.pt"} <= {p.name for p in release.iterdir()}
+    trained = torch.load(release / "checkpoints" / "step_0000030" / "rank0.pt", weights_only=True)["params"]
+    projector = torch.load(release / "non_lora_trainables.bin", weights_only=True)
+    for key, value in projector.items():
+        assert torch.equal(value, trained["projector." + key.removeprefix("base_model.model.model.mm_projector.")])
+    model, _ = load_llavarad(str(release), str(base), torch.float32, "cpu")
+    for key, value in model.projector.state_dict().items():
+        assert torch.equal(value, trained["projector." + key])
+
+    hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), release).eval()
+    assert sum("lora_A" in n for n, _ in hf.named_parameters()) == 2 * 7
+    ids = torch.randint(3, 400, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.llm.lm_head(model.llm(model.llm.embed_tokens(ids), torch.arange(17).expand(2, 17)))
+        torch.testing.assert_close(ours, hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_infer_cli_on_the_lora_release_writes_the_learned_findings(runs, capsys):
+    root, base, _, _, images = runs
+    for k in (0, 1):  # with and without a reason for exam
+        argv = [str(images / "p10" / f"s{k}.png"), "--model", str(root / "lora"), "--base", str(base), "--max-new-tokens", "20"]
+        if REASONS[k]:
+            argv += ["--reason", REASONS[k]]
+        assert infer.main(argv) == 0
+        assert capsys.readouterr().out.strip() == FINDINGS[k]
+
+
+def test_lr_schedule_is_transformers_cosine_with_warmup():
+    for total in (7, 100, 1562):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
+        sched = get_cosine_schedule_with_warmup(opt, math.ceil(0.03 * total), total)
+        for step in range(total):
+            assert get_lr(step, total, 2e-4, 0.03) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-18)
+            opt.step()
+            sched.step()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    base, tower = write_base_and_tower(root, reads_context=False)
+    data, images = write_data(root)
+    return root, base, tower, data, images
+
+
+def run_main(small, capsys, output, **overrides):
+    root, base, tower, data, images = small
+    rc = train.main(train_args(root, base, tower, data, images, output, max_steps=2, **overrides))
+    return rc, capsys.readouterr().err
+
+
+def test_error_global_batch_not_divisible(small, capsys, tmp_path):
+    rc, err = run_main(small, capsys, tmp_path, global_batch=6)
+    assert rc == 1 and "error: global_batch 6 is not a multiple of micro_batch 4 x world size 1" in err
+
+
+def test_error_projector_shape(small, capsys, tmp_path):
+    bad = tmp_path / "mm_projector.bin"
+    torch.save({"model.mm_projector.0.weight": torch.zeros(64, 16), "model.mm_projector.0.bias": torch.zeros(64),
+                "model.mm_projector.2.weight": torch.zeros(64, 64), "model.mm_projector.2.bias": torch.zeros(64)}, bad)
+    rc, err = run_main(small, capsys, tmp_path / "a", stage="lora", projector=bad)
+    assert rc == 1 and "mm_projector.0.weight has shape (64, 16), expected (64, 32)" in err and "tower width 32" in err
+    rc, err = run_main(small, capsys, tmp_path / "b", stage="lora")
+    assert rc == 1 and "the lora stage needs --projector" in err
+
+
+def test_error_missing_images_over_threshold(small, capsys, tmp_path):
+    root, base, tower, data, images = small
+    records = json.loads(data.read_text())
+    records[3]["image"] = "mimic/p10/gone.png"
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    rc, err = run_main((root, base, tower, tmp_path / "d.json", images), capsys, tmp_path / "a", max_missing_frac=0.2)
+    assert rc == 0 and "gone.png" in err, err  # 1 of 8 is under the threshold: skipped
+    rc, err = run_main((root, base, tower, tmp_path / "d.json", images), capsys, tmp_path / "b", max_missing_frac=0.1)
+    assert rc == 1 and "error: 1 of 8 images read under" in err and "check --image-folder" in err
+
+
+def test_error_existing_run_without_resume(small, capsys, tmp_path):
+    rc, err = run_main(small, capsys, tmp_path)
+    assert rc == 0
+    rc, err = run_main(small, capsys, tmp_path)
+    assert rc == 1 and "already holds checkpoints" in err and "--resume" in err
