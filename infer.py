@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
         model, tokenizer = load(args, device, dtype)
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: a missing file, an unwritable output...
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

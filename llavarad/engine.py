@@ -101,6 +101,8 @@ class ResultWriter:
     """Appends one JSON line per report and flushes it, after cutting a partial last line."""
 
     def __init__(self, path: Path):
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, expected a predictions file")
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
             data = path.read_bytes()
@@ -167,7 +169,8 @@ def run_queries(
     mine, prompts = [mine[j] for j in order], [prompts[j] for j in order]
     device = model.llm.lm_head.weight.device
     writer = ResultWriter(part_path(output, rank, world))
-    bar = tqdm(total=len(mine), unit=" reports", disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(mine), unit=" reports", desc=f"rank 0 of {world}" if world > 1 else None,
+               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
     failed = predicted = 0
 
     def embedded_prompts():
@@ -194,7 +197,7 @@ def run_queries(
 
     if mine:
         max_len = max(len(p) for p in prompts) - 1 + n_patches + max_new_tokens
-        gen = BatchGenerator(model.llm, min(batch_size, len(mine)), max_len, tokenizer.eos_id, cuda_graph, compile)
+        gen = BatchGenerator(model.llm, min(batch_size, len(mine)), max_len, tokenizer.eos_id, cuda_graph=cuda_graph, compile=compile)
         for i, tokens in gen.run(embedded_prompts(), max_new_tokens):
             writer.write(_result(mine[i], prediction=tokenizer.decode(tokens)))
             predicted += 1

@@ -54,6 +54,17 @@ def test_generator_is_reusable_and_bounded(models):
             list(gen.run([(0, llm.embed_tokens(prompts[2]))], 6))
 
 
+def test_rows_ending_at_prefill(models):
+    llm, prompts, free = models
+    eos = free[0][0]  # prompt 0 ends at once: its row is refilled before any decode step
+    expected = {i: out[: out.index(eos)] if eos in out else out for i, out in enumerate(free)}
+    with torch.no_grad():
+        got = dict(BatchGenerator(llm, 2, max(LENGTHS) + NEW, eos).run(((i, llm.embed_tokens(p)) for i, p in enumerate(prompts)), NEW))
+        one = dict(BatchGenerator(llm, 3, max(LENGTHS) + 1, -1).run(((i, llm.embed_tokens(p)) for i, p in enumerate(prompts)), 1))
+    assert got == expected and got[0] == []
+    assert one == {i: out[:1] for i, out in enumerate(free)}
+
+
 def test_decode_step_compiles_without_graph_breaks(models):
     llm, prompts, free = models
     with torch.no_grad():
