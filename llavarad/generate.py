@@ -9,8 +9,9 @@ BatchGenerator keeps a fixed number of cache rows busy. When a row emits EOS (or
 max_new_tokens) its tokens are handed back and the next waiting prompt is prefilled into that row,
 so a finished report stops costing compute and a batch never waits for its longest report. The
 decode step always runs on the whole batch, so its shapes never change and it can be recorded
-once as a CUDA graph (optionally after torch.compile); idle rows sit at position 0, where they
-cost one attention key each.
+once as a CUDA graph (optionally after torch.compile). Rows left idle once the stream runs dry
+sit at position 0: with flash-attn they read one cache slot; their share of the weight reads,
+which dominate a decode step, is free.
 """
 
 from collections.abc import Callable, Hashable, Iterable, Iterator

@@ -22,7 +22,7 @@ def models(tmp_path_factory):
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in LENGTHS]
     with torch.no_grad():
         free = [hf.generate(p[None], max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    return llm, prompts, free
+    return llm, prompts, free, hf
 
 
 def common_token(free: list[list[int]]) -> int:
@@ -32,7 +32,7 @@ def common_token(free: list[list[int]]) -> int:
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 5])
 def test_refilled_batches_match_transformers(models, batch_size):
-    llm, prompts, free = models
+    llm, prompts, free, _ = models
     eos = common_token(free)
     expected = {i: out[: out.index(eos)] if eos in out else out for i, out in enumerate(free)}
     assert len({len(e) for e in expected.values()}) > 2  # rows really finish at different steps
@@ -44,7 +44,7 @@ def test_refilled_batches_match_transformers(models, batch_size):
 
 
 def test_generator_is_reusable_and_bounded(models):
-    llm, prompts, free = models
+    llm, prompts, free, _ = models
     gen = BatchGenerator(llm, 2, max(LENGTHS) + 4, eos_id=-1)
     with torch.no_grad():
         for _ in range(2):  # a second run reuses the same cache rows
@@ -55,7 +55,7 @@ def test_generator_is_reusable_and_bounded(models):
 
 
 def test_rows_ending_at_prefill(models):
-    llm, prompts, free = models
+    llm, prompts, free, _ = models
     eos = free[0][0]  # prompt 0 ends at once: its row is refilled before any decode step
     expected = {i: out[: out.index(eos)] if eos in out else out for i, out in enumerate(free)}
     with torch.no_grad():
@@ -65,8 +65,28 @@ def test_rows_ending_at_prefill(models):
     assert one == {i: out[:1] for i, out in enumerate(free)}
 
 
+def test_prefill_into_chosen_rows(models):
+    """Prompts prefilled into rows 2 and then 1 of a live cache (a 1-token prompt takes the
+    decode-shaped path), then decoded together with row 0 idle."""
+    llm, prompts, free, hf = models
+    one = prompts[3][:1]
+    with torch.no_grad():
+        ref_one = hf.generate(one[None], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 1:].tolist()
+        llm.setup_cache(3, 32)
+        first2 = prefill(llm, llm.embed_tokens(prompts[1])[None], torch.tensor([len(prompts[1])]), rows=torch.tensor([2]))
+        first1 = prefill(llm, llm.embed_tokens(one)[None], torch.tensor([1]), rows=torch.tensor([1]))
+        tok = torch.tensor([0, int(first1), int(first2)])
+        pos = torch.tensor([0, 1, len(prompts[1])])
+        out = [tok.tolist()]
+        for _ in range(3):
+            tok = decode_step(llm, tok, pos)
+            out.append(tok.tolist())
+            pos = pos + torch.tensor([0, 1, 1])
+    assert [row[1] for row in out] == ref_one and [row[2] for row in out] == free[1][:4]
+
+
 def test_decode_step_compiles_without_graph_breaks(models):
-    llm, prompts, free = models
+    llm, prompts, free, _ = models
     with torch.no_grad():
         llm.setup_cache(2, 32)
         embeds = torch.zeros(2, 9, llm.cfg.dim)
