@@ -129,7 +129,7 @@ class VisionTower(nn.Module):
 
 
 TRUNK_PREFIX = "visual.trunk."
-_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\..+")
 
 
 def _trunk_state_dict(checkpoint: object, path: str) -> dict[str, Tensor]:
@@ -140,7 +140,8 @@ def _trunk_state_dict(checkpoint: object, path: str) -> dict[str, Tensor]:
     """
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected an open_clip checkpoint (a dict of tensors), got {type(checkpoint).__name__}")
+        kind = type(checkpoint).__name__
+        raise ValueError(f"{path}: expected an open_clip checkpoint (a dict of tensors), got a {kind}")
     trunk = {}
     for key, value in state.items():
         name = key.removeprefix("module.")
@@ -161,7 +162,9 @@ def _require(trunk: dict[str, Tensor], name: str, ndim: int, path: str) -> Tenso
     return trunk[name]
 
 
-def _config_from_tensors(trunk: dict[str, Tensor], head_width: int, image_size: int, names: tuple[str, str]) -> VisionConfig:
+def _config_from_tensors(
+    trunk: dict[str, Tensor], head_width: int, image_size: int, names: tuple[str, str]
+) -> VisionConfig:
     """Reads the architecture off the tensor shapes; the json only supplies head width and image size."""
     json_path, ckpt_path = names
     width, _, patch, _ = _require(trunk, "patch_embed.proj.weight", 4, ckpt_path).shape
@@ -207,8 +210,11 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
     image_size = vision_cfg["image_size"]
     if isinstance(image_size, list) and len(image_size) == 2 and image_size[0] == image_size[1]:
         image_size = image_size[0]  # open_clip also accepts [h, w]
-    if not isinstance(image_size, int):
-        raise ValueError(f"{json_path}: vision_cfg.image_size must be one integer, got {image_size!r}")
+    head_width = vision_cfg.get("head_width", 64)  # open_clip's default; the release leaves it out
+    if not isinstance(image_size, int) or not isinstance(head_width, int):
+        raise ValueError(
+            f"{json_path}: vision_cfg.image_size and head_width must be integers, got {image_size!r}, {head_width!r}"
+        )
     model_name = vision_cfg.get("timm_model_name", "an unnamed timm model")
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -217,9 +223,7 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
         raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({reason})") from None
     trunk = _trunk_state_dict(checkpoint, checkpoint_path)
     del checkpoint  # the text tower and optimizer state are not needed
-    cfg = _config_from_tensors(
-        trunk, int(vision_cfg.get("head_width", 64)), image_size, (json_path, checkpoint_path)
-    )
+    cfg = _config_from_tensors(trunk, head_width, image_size, (json_path, checkpoint_path))
 
     with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
         tower = VisionTower(cfg, select_layer)

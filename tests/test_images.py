@@ -58,7 +58,10 @@ def test_preprocess_matches_open_clip(tmp_path, reference_transform, name, h, w,
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA"])
 def test_preprocess_non_rgb_image_like_open_clip(reference_transform, mode):
     """open_clip converts to RGB after the crop; preprocess does the same for any PIL image."""
-    image = Image.fromarray(picture(33, 47, 4)).convert(mode) if mode != "P" else Image.fromarray(picture(33, 47)).quantize(64)
+    if mode == "P":
+        image = Image.fromarray(picture(33, 47)).quantize(64)
+    else:
+        image = Image.fromarray(picture(33, 47, 4)).convert(mode)
     torch.testing.assert_close(preprocess(image, 28), reference_transform(28)(image), rtol=0, atol=1e-6)
 
 

@@ -76,7 +76,9 @@ def test_open_clip_loads_the_same_checkpoint(tmp_path):
     cfg = {
         "embed_dim": 16,
         "custom_text": True,  # text under text.*, as BiomedCLIP's HF text tower is
-        "vision_cfg": {**model_json(28, 16)["vision_cfg"], "timm_model_name": vit_llavarad_test_tiny_patch14_dinov2.__name__},
+        "vision_cfg": {
+            **model_json(28, 16)["vision_cfg"], "timm_model_name": vit_llavarad_test_tiny_patch14_dinov2.__name__,
+        },
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
     }
     open_clip.factory._MODEL_CONFIGS[name] = cfg  # what LLaVA-Rad's from_pretrained does with the json
@@ -158,7 +160,8 @@ def test_error_unknown_key(tmp_path, release):
 def test_error_missing_key(tmp_path, release):
     folder, _, _ = release
     path = _write_bad(tmp_path, release, lambda s: s.pop("module.visual.trunk.blocks.1.ls2.gamma"))
-    with pytest.raises(ValueError, match=r"missing tensor visual\.trunk\.blocks\.1\.ls2\.gamma \(expected shape \(32,\)\)") as e:
+    want = r"missing tensor visual\.trunk\.blocks\.1\.ls2\.gamma \(expected shape \(32,\)\)"
+    with pytest.raises(ValueError, match=want) as e:
         load_tower(str(folder / JSON), path)
     assert path in str(e.value)
 
