@@ -14,7 +14,7 @@ def ref():
 
 def test_config_read_from_tensors(ref):
     cfg = BertConfig.from_state_dict(chexbert_state_dict(ref), "module.bert.")
-    assert cfg == BertConfig(vocab_size=50, hidden=128, layers=2, heads=2, intermediate=256, max_positions=64, type_vocab=2)
+    assert cfg == BertConfig(vocab_size=50, hidden=128, layers=2, heads=2, intermediate=256, max_positions=512, type_vocab=2)
 
 
 def test_forward_equals_transformers(ref, tmp_path):
