@@ -143,8 +143,9 @@ def test_reference_is_not_trivial(reference):
     n_pairs = sum(math.ceil(len(w) * SPANS_PER_WORD) ** 2 for w, *_ in reference)
     n_relations = sum(len(r) for *_, r in reference)
     assert 0.1 * n_spans < n_entities < 0.9 * n_spans
-    assert 0.05 * n_pairs < n_relations < 0.9 * n_pairs
-    assert len({label for *_, e, _ in reference for *_, label in e}) == len(ENTITY_LABELS) - 1
+    assert 0.01 * n_pairs < n_relations < 0.9 * n_pairs
+    assert {label for *_, e, _ in reference for *_, label in e} == set(ENTITY_LABELS[1:])
+    assert {label for *_, r in reference for *_, label in r} == set(RELATION_LABELS)
     long_words = reference[TEXTS.index(LONG)][0]
     assert math.ceil(len(long_words) * SPANS_PER_WORD) > 64
     words, vectors, *_ = reference[-1]

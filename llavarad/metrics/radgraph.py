@@ -6,7 +6,6 @@ state dict). The BERT vocabulary is the `vocab.txt` of the BERT checkpoint named
 Annotations follow the radgraph package's format, so that the reward is the official one.
 """
 
-import hashlib
 import io
 import json
 import os
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from llavarad.metrics.bert import load_bert
+from llavarad.metrics.cache import file_fingerprint, load_cache, save_cache
 from llavarad.metrics.radgraph_model import Annotation, RadGraphConfig, RadGraphModel
 from llavarad.metrics.radgraph_text import split_words, word_pieces
 from llavarad.metrics.wordpiece import WordPiece
@@ -66,8 +66,8 @@ def _read_archive(path: str) -> dict[str, bytes]:
                     name = member.name.removeprefix("./")
                     if member.isfile() and (name in ARCHIVE_FILES or name.startswith("vocabulary/")):
                         files[name] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a RadGraph model archive (.tar.gz or folder): {e}") from None
+        except (tarfile.TarError, OSError, EOFError):
+            raise ValueError(f"{path}: not a RadGraph model archive (.tar.gz or folder)") from None
     missing = [n for n in (*ARCHIVE_FILES, "vocabulary/") if not any(k.startswith(n) for k in files)]
     if missing:
         raise ValueError(f"{path}: RadGraph archive has no {', '.join(missing)}")
@@ -201,7 +201,7 @@ def load_radgraph(archive: str, vocab: str, device: str = "cpu") -> RadGraph:
     if entity_labels[0] != "":
         raise ValueError(f"{archive}: vocabulary/{ner}.txt must start with the empty (no entity) label")
     try:
-        sd = torch.load(io.BytesIO(files["weights.th"]), map_location="cpu", weights_only=True)
+        sd = torch.load(io.BytesIO(files.pop("weights.th")), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{archive}: weights.th is not a readable state dict: {e}") from None
     if not isinstance(sd, dict):
@@ -240,44 +240,25 @@ def partial_reward(hyp: dict, ref: dict) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
-def _fingerprint(archive: str, vocab: str) -> str:
-    """A hash of the archive's and the vocab's bytes: a cache is only valid for the model that made it."""
-    h = hashlib.sha256()
-    paths = [archive] if os.path.isfile(archive) else [
-        os.path.join(root, n) for root, _, names in sorted(os.walk(archive)) for n in sorted(names)
-    ]
-    for p in [*paths, vocab]:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def annotate_cached(texts: list[str], archive: str, vocab: str, device: str, batch_size: int, cache: str | None) -> dict[str, dict]:
-    """Annotations of the unique texts, reading and extending a JSON cache of them when given."""
+    """Annotations of the unique texts, reading and extending a JSON cache of them when given
+    (filed under a fingerprint of the archive's and the vocab's bytes)."""
+    for path, what in ((archive, "RadGraph archive"), (vocab, "RadGraph BERT vocab file")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: {what} not found")
     unique = list(dict.fromkeys(texts))
-    known: dict[str, dict] = {}
     fingerprint = None
     if cache is not None:
-        fingerprint = _fingerprint(archive, vocab)
-        if os.path.exists(cache):
-            try:
-                with open(cache, encoding="utf-8") as f:
-                    stored = json.load(f)
-                if stored["fingerprint"] != fingerprint:
-                    raise ValueError(f"{cache}: RadGraph cache was made with another archive or vocab; remove it or use another cache path")
-                known = stored["annotations"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{cache}: not a RadGraph annotation cache ({e!r})") from None
+        parts = [archive] if os.path.isfile(archive) else sorted(
+            os.path.join(root, name) for root, _, names in os.walk(archive) for name in names
+        )
+        fingerprint = file_fingerprint(*parts, vocab)
+    known = load_cache(cache, fingerprint)
     todo = [t for t in unique if t not in known]
     if todo:
         radgraph = load_radgraph(archive, vocab, device)
         known.update(zip(todo, radgraph.annotate(todo, batch_size, progress=len(todo) > batch_size)))
-        if cache is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-            with open(cache + ".tmp", "w", encoding="utf-8") as f:
-                json.dump({"fingerprint": fingerprint, "annotations": known}, f)
-            os.replace(cache + ".tmp", cache)
+        save_cache(cache, fingerprint, known)
     return {t: known[t] for t in unique}
 
 
