@@ -57,8 +57,9 @@ def _read_archive(path: str) -> dict[str, bytes]:
         vocab_dir = os.path.join(path, "vocabulary")
         if os.path.isdir(vocab_dir):
             for name in os.listdir(vocab_dir):
-                with open(os.path.join(vocab_dir, name), "rb") as f:
-                    files["vocabulary/" + name] = f.read()
+                if os.path.isfile(os.path.join(vocab_dir, name)):
+                    with open(os.path.join(vocab_dir, name), "rb") as f:
+                        files["vocabulary/" + name] = f.read()
     else:
         try:
             with tarfile.open(path) as tar:

@@ -139,7 +139,7 @@ class RadGraphModel(nn.Module):
             a = top_emb[r0 : r0 + PAIR_ROWS, None, :].expand(-1, k, -1)  # (rows, K, D)
             b = top_emb[None, :, :].expand(a.shape[0], -1, -1)  # (rows, K, D)
             scores = self.relation_out(self.relation_ff(torch.cat([a, b, a * b], -1)))  # (rows, K, R)
-            scores = scores + top_scores[r0 : r0 + PAIR_ROWS, None, None] + top_scores[None, :, None]
+            scores = scores + (top_scores[r0 : r0 + PAIR_ROWS, None, None] + top_scores[None, :, None])  # + both mention scores
             scores = torch.cat([scores.new_zeros(*scores.shape[:2], 1), scores], -1)  # (rows, K, R + 1)
             labels = scores.argmax(-1)  # (rows, K)
             hits = labels > 0
