@@ -67,12 +67,9 @@ def evaluate_reports(
                 metrics[f"{avg.capitalize()}-F1-14{plus}"] = f14[avg]
                 metrics[f"{avg.capitalize()}-F1-5{plus}"] = f5[avg]
             report = classification_report(y_true, y_pred, CONDITIONS)
-            breakdown[mapping] = {
-                cond: {**report[cond], "ci": {k: [v["ci_l"], v["ci_h"]] for k, v in f14["labels"][cond].items() if "ci_l" in v}}
-                for cond in CONDITIONS
-            }
-            breakdown[mapping]["micro avg"] = report["micro avg"]
-            breakdown[mapping]["macro avg"] = report["macro avg"]
+            for cond in CONDITIONS:  # per-condition CIs for metrics.json; the CSVs keep the official columns
+                report[cond]["ci"] = {k: [v["ci_l"], v["ci_h"]] for k, v in f14["labels"][cond].items() if "ci_l" in v}
+            breakdown[mapping] = report
         plain_true, plain_pred = binarize(ref_labels, False), binarize(pred_labels, False)
         for i, row in enumerate(per_report):
             row["chexbert_prediction"] = {c: LABEL_NAMES[v] for c, v in zip(CONDITIONS, pred_labels[i]) if v}

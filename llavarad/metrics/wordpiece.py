@@ -10,6 +10,7 @@ split on punctuation; then each piece is cut greedily into the longest vocabular
 
 import re
 import unicodedata
+from functools import lru_cache
 
 SPECIAL_TOKENS = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
@@ -30,6 +31,7 @@ def _is_control(ch: str) -> bool:
     return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
 
 
+@lru_cache(maxsize=None)
 def _is_punctuation(ch: str) -> bool:
     # Every ASCII non-alphanumeric symbol counts, even `^ $ `` which Unicode calls symbols.
     cp = ord(ch)
@@ -44,7 +46,19 @@ def _is_cjk(ch: str) -> bool:
 
 
 def _strip_accents(word: str) -> str:
+    if word.isascii():
+        return word
     return "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
+
+
+@lru_cache(maxsize=None)
+def _clean_char(ch: str) -> str:
+    """What a character becomes before whitespace splitting: removed, a space, spaced out, itself."""
+    if ord(ch) == 0 or ord(ch) == 0xFFFD or _is_control(ch):
+        return ""
+    if _is_whitespace(ch):
+        return " "
+    return f" {ch} " if _is_cjk(ch) else ch
 
 
 def _split_on_punctuation(word: str) -> list[str]:
@@ -86,6 +100,7 @@ class WordPiece:
             if tok not in self.vocab:
                 raise ValueError(f"{vocab_path}: BERT vocab file has no {tok} token")
         self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+        self._pieces: dict[str, list[str]] = {}
 
     def tokenize(self, text: str) -> list[str]:
         tokens: list[str] = []
@@ -101,18 +116,8 @@ class WordPiece:
         return tokens
 
     def _basic_tokenize(self, text: str) -> list[str]:
-        chars = []
-        for ch in text:
-            if ord(ch) == 0 or ord(ch) == 0xFFFD or _is_control(ch):
-                continue
-            if _is_whitespace(ch):
-                chars.append(" ")
-            elif _is_cjk(ch):
-                chars.append(f" {ch} ")
-            else:
-                chars.append(ch)
         words = []
-        for word in unicodedata.normalize("NFC", "".join(chars)).split():
+        for word in unicodedata.normalize("NFC", "".join(map(_clean_char, text))).split():
             if word in SPECIAL_TOKENS:  # only reachable once cleaning joined one up, e.g. "[CL\0S]"
                 words.append(word)
                 continue
@@ -122,6 +127,11 @@ class WordPiece:
         return " ".join(words).split()
 
     def _wordpiece(self, word: str) -> list[str]:
+        if word not in self._pieces:  # reports reuse few words: cut each once
+            self._pieces[word] = self._cut(word)
+        return self._pieces[word]
+
+    def _cut(self, word: str) -> list[str]:
         if len(word) > MAX_WORD_CHARS:
             return ["[UNK]"]
         pieces = []
