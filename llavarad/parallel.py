@@ -11,18 +11,22 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from llavarad.train_model import TrainModel
 
-# Kept by "selective" checkpointing: the matmul and attention outputs, the expensive part of a
-# block. The backward recomputes only the cheap elementwise ops (norms, RoPE, SiLU, dropout).
+# Kept by "selective" checkpointing: the outputs of the expensive ops of a block, its matmuls and
+# attention; the backward recomputes only the cheap elementwise ops (norms, RoPE, SiLU, dropout).
+# A matmul over a short contraction (LoRA's B, r wide) is cheaper to redo than its (tokens, out)
+# output is to keep, so it is recomputed too.
 _SAVE = {
-    torch.ops.aten.mm.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
 }
+_SHORT_CONTRACTION = 256
 
 
 def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _SAVE or (op is torch.ops.aten.mm.default and args[0].shape[-1] > _SHORT_CONTRACTION):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def parallelize(model: TrainModel, checkpointing: str) -> None:

@@ -110,21 +110,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
         if n_missing > cfg.max_missing_frac * max(n_seen, len(records)):  # budget: a fraction of one epoch at least
             raise ValueError(f"{n_missing} of {n_seen} images read under {cfg.image_folder} were missing or unreadable "
                              f"(max_missing_frac {cfg.max_missing_frac}); check --image-folder")
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(micro):
-            model.set_requires_gradient_sync(i == accum - 1)  # reduce the gradients once, after the last micro-batch
-            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-            with autocast:
-                ce = model(b["pixels"], b["tokens"], b["image_mask"], b["labels"])
-            # FSDP averages gradients over the ranks: scaling by world makes the result sum(ce) / n_supervised.
-            (ce * world / max(n_supervised, 1.0)).backward()
-            loss_sum += ce.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         lr = get_lr(step, total, cfg.lr, cfg.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(model, micro, optimizer, list(params.values()), lr, cfg.grad_clip,
+                                         n_supervised, world, autocast, device)
         bar.update(1)
 
         log.add(loss_sum, n_supervised, n_real, n_slots, n_rows)
@@ -152,6 +140,27 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
         print(f"wrote {run_dir}", file=sys.stderr)
     dist.barrier()
     return run_dir
+
+
+def train_step(model: TrainModel, micro: list[dict], optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+               lr: float, grad_clip: float, n_supervised: float, world: int, autocast, device: torch.device):
+    """One optimizer step over this rank's micro-batches -> (summed cross-entropy, gradient norm),
+    both still on the device. `n_supervised`: supervised tokens of the step over all ranks."""
+    loss_sum = torch.zeros((), device=device)
+    for i, b in enumerate(micro):
+        model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce the gradients once, after the last micro-batch
+        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        with autocast:
+            ce = model(b["pixels"], b["tokens"], b["image_mask"], b["labels"])
+        # FSDP averages gradients over the ranks: scaling by world makes the result sum(ce) / n_supervised.
+        (ce * world / max(n_supervised, 1.0)).backward()
+        loss_sum += ce.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
 def _loader(dataset: TrainDataset, batch_sampler, num_workers: int, device: torch.device, seed: int) -> DataLoader:

@@ -49,12 +49,10 @@ class TrainModel(nn.Module):
 
 def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lora: LoRAConfig,
                 dtype: torch.dtype, device: torch.device) -> TrainModel:
-    """Load the base decoder, the tower and (lora stage) the pretrained projector; freeze what does
-    not train; add LoRA. Seed torch before: the new projector / LoRA weights are drawn here, and every
-    rank must draw the same."""
-    base_dir = resolve_folder(base, "base model")
-    llm = load_llm(base_dir, {}, 1.0, dtype, device).requires_grad_(False)
-    tower = load_tower(*tower_files(tower_dir)).to(device=device, dtype=dtype).requires_grad_(False).eval()
+    """Load the base decoder, the tower and (lora stage) the pretrained projector; see `assemble`.
+    Seed torch before: the new projector / LoRA weights are drawn here, and every rank must draw the same."""
+    llm = load_llm(resolve_folder(base, "base model"), {}, 1.0, dtype, device)
+    tower = load_tower(*tower_files(tower_dir)).to(device=device, dtype=dtype)
     if projector is None:
         proj = Projector(tower.cfg.width, llm.cfg.dim)
     else:
@@ -62,14 +60,22 @@ def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lo
             proj = load_projector(Path(projector), tower.cfg.width, llm.cfg.dim)
         except ValueError as e:
             raise ValueError(f"{e} (the projector must map the tower width {tower.cfg.width} to the decoder width {llm.cfg.dim})") from None
-    proj = proj.to(device=device, dtype=torch.float32)
+    return assemble(stage, tower, proj.to(device), llm, lora)
+
+
+def assemble(stage: str, tower: VisionTower, projector: Projector, llm: Llama, lora: LoRAConfig) -> TrainModel:
+    """Freeze the tower and the decoder, keep the projector trainable in float32, and in the lora
+    stage add LoRA to the decoder (in float32 too: the optimizer's master copy)."""
+    tower.requires_grad_(False).eval()
+    llm.requires_grad_(False)
+    projector.to(torch.float32).requires_grad_(True)
     if stage == "lora":
         apply_lora(llm, lora)
-        for module in llm.modules():  # LoRA weights are created in the frozen dtype: keep a float32 master
+        for module in llm.modules():  # LoRA weights are created in the frozen dtype
             for name in ("lora_A", "lora_B"):
                 if hasattr(module, name):
                     setattr(module, name, nn.Parameter(getattr(module, name).detach().float()))
-    return TrainModel(tower, proj, llm)
+    return TrainModel(tower, projector, llm)
 
 
 def tower_files(folder: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@ infer.py, in peft and in stage 2, the lr schedule is transformers', and bad sett
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 import infer
 import train
+from _release_fixtures import write_tiny_release
 from llavarad.config import LoRAConfig
 from llavarad.optim import get_lr
+from llavarad.train_config import parse_train_args
 from llavarad.train_model import build_model
 from llavarad.weights import load_llavarad
 
@@ -153,3 +156,42 @@ def test_error_existing_run_without_resume(small, capsys, tmp_path):
     assert rc == 0
     rc, err = run_main(small, capsys, tmp_path)
     assert rc == 1 and "already holds checkpoints" in err and "--resume" in err
+
+
+def test_fine_tune_from_the_release_folder(tmp_path, capsys):
+    """A hospital's fine-tune: --tower and --projector taken from the released LLaVA-Rad folder."""
+    tiny = write_tiny_release(tmp_path)
+    data, images = write_data(tmp_path)
+    args = train_args(tmp_path, tiny.base, tiny.release, data, images, "ft", stage="lora",
+                      projector=tiny.release / "non_lora_trainables.bin", max_steps=1, lr=0.0)
+    assert train.main(args) == 0
+    saved = torch.load(tmp_path / "ft" / "non_lora_trainables.bin", weights_only=True)
+    for key, value in tiny.projector.items():  # lr 0: the released projector passes through unchanged
+        assert torch.equal(saved[f"base_model.model.model.mm_projector.{key}"], value)
+
+
+def test_config_file_then_flags(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('stage = "lora"\nlr = 1e-4\nglobal_batch = 64\nprojector = "p.bin"\n')
+    required = ["--data", "d", "--image-folder", "i", "--base", "b", "--tower", "t", "--output", "o"]
+    cfg = parse_train_args(["--config", str(config), *required, "--lr", "2e-4", "--resume"])
+    assert (cfg.stage, cfg.lr, cfg.global_batch, cfg.projector, cfg.resume) == ("lora", 2e-4, 64, "p.bin", True)
+    config.write_text('stage = "lora"\nlearning_rate = 1e-4\n')
+    with pytest.raises(ValueError, match="c.toml: unknown setting 'learning_rate'"):
+        parse_train_args(["--config", str(config), *required])
+    config.write_text('stage = "pretrain"\nglobal_batch = "64"\n')
+    with pytest.raises(ValueError, match="global_batch = '64' should be of type"):
+        parse_train_args(["--config", str(config), *required])
+    with pytest.raises(ValueError, match="missing --data"):
+        parse_train_args(["--stage", "pretrain"])
+
+
+@pytest.mark.parametrize("name", ["pretrain", "lora"])
+def test_shipped_configs_are_the_official_recipe(name):
+    cfg = parse_train_args(["--config", str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"), "--data", "d", "--image-folder", "i", "--base", "b",
+                            "--tower", "t", "--output", "o", "--projector", "p"])
+    recipe = {"pretrain": (1e-3, 1, 256), "lora": (1e-4, 3, 64)}[name]
+    assert (cfg.stage, cfg.lr, cfg.epochs, cfg.global_batch) == (name, *recipe)
+    assert (cfg.warmup_ratio, cfg.weight_decay, cfg.max_len, cfg.dtype) == (0.03, 0.0, 2048, "bfloat16")
+    if name == "lora":
+        assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 128.0, 0.05)
