@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -167,14 +168,14 @@ def hf_peft(cfg: LlamaConfig, vision: VisionConfig, steps: int, device: torch.de
         torch.cuda.empty_cache()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6, help="timed steps per row (median)")
     p.add_argument("--modes", default="full,selective,none", help="llavarad activation-checkpointing modes to time")
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers + peft row")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke test of this script, no timing value")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.tiny:
         device, cfg, vision = torch.device("cpu"), LLAMA_PRESETS["tiny"], VisionConfig(image_size=56, width=32, depth=3, heads=2, mlp_hidden=64)
     elif torch.cuda.is_available():
@@ -182,7 +183,19 @@ def main() -> int:
     else:
         print("error: this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
         return 1
-    ensure_process_group(device)
+    made_group = ensure_process_group(device)
+    try:
+        rows = run_rows(args, device, cfg, vision)
+    finally:
+        if made_group:
+            dist.destroy_process_group()
+    if args.json:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
+    return 0
+
+
+def run_rows(args: argparse.Namespace, device: torch.device, cfg: LlamaConfig, vision: VisionConfig) -> list[dict]:
     n = (vision.image_size // vision.patch_size) ** 2 + TEXT
     tokens = BATCH * n
     flops = flops_per_token(cfg, 0, n)  # LoRA weight gradients left out: under 1%
@@ -192,23 +205,26 @@ def main() -> int:
     runs = [(f"llavarad, checkpointing {m}", lambda m=m: ours(cfg, vision, m, args.steps, device)) for m in args.modes.split(",")]
     if not args.skip_hf:
         runs.append(("transformers + peft, gradient checkpointing", lambda: hf_peft(cfg, vision, args.steps, device)))
-    for name, run in runs:
+    for label, run in runs:
         try:
             seconds, peak, loss = run()
         except torch.OutOfMemoryError:
-            print(f"{name}: out of memory", flush=True)
-            rows.append({"implementation": name, "error": "out of memory"})
+            print(f"{label}: out of memory", flush=True)
+            rows.append({"implementation": label, "error": "out of memory"})
             gc.collect()
             torch.cuda.empty_cache()
             continue
-        row = {"implementation": name, "step_s": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak,
+        row = {"implementation": label, "step_s": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak,
                "mfu_989": tokens / seconds * flops / 989e12, "first_loss": loss}
         rows.append(row)
-        print(f"{name}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tok/s, MFU {100 * row['mfu_989']:.1f}%, "
+        print(f"{label}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:,.0f} tok/s, MFU {100 * row['mfu_989']:.1f}%, "
               f"peak {peak:.1f} GiB, first loss {loss:.4f}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
-    return 0
+    reference = next((r for r in rows if r["implementation"].startswith("transformers") and "step_s" in r), None)
+    for r in rows:
+        if reference and r is not reference and "step_s" in r:
+            r["speedup_vs_hf_peft"] = reference["step_s"] / r["step_s"]
+            print(f"{r['implementation']}: {r['speedup_vs_hf_peft']:.2f}x transformers + peft", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Both training stages on a tiny model (CPU, float32): they overfit, their outputs load in our
 infer.py, in peft and in stage 2, the lr schedule is transformers', and bad settings fail clearly."""
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -195,3 +196,16 @@ def test_shipped_configs_are_the_official_recipe(name):
     assert (cfg.warmup_ratio, cfg.weight_decay, cfg.max_len, cfg.dtype) == (0.03, 0.0, 2048, "bfloat16")
     if name == "lora":
         assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 128.0, 0.05)
+
+
+def test_train_bench_smoke_matches_transformers_peft(tmp_path):
+    """bench/train_bench.py --tiny on the CPU: every row runs, and on the same weights our first-step
+    loss equals transformers + peft's (so the benchmark compares equal work)."""
+    spec = importlib.util.spec_from_file_location("train_bench", Path(__file__).resolve().parents[1] / "bench" / "train_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--steps", "1", "--modes", "full,selective", "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["implementation"].split(",")[0] for r in rows] == ["llavarad", "llavarad", "transformers + peft"]
+    assert rows[0]["first_loss"] == rows[1]["first_loss"]
+    assert rows[2]["first_loss"] == pytest.approx(rows[0]["first_loss"], rel=1e-2)
