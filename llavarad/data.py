@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from llavarad.images import load_image, preprocess

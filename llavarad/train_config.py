@@ -22,7 +22,7 @@ class TrainConfig:
     projector: str | None = None  # lora stage: the pretrain stage's mm_projector.bin
     loader: str = "mimic_train_findings"
     val_data: str | None = None  # held-out file for a validation loss (same loader)
-    val_every: int = 0  # steps between validations (0 = only with val_data, at the end)
+    val_every: int = 0  # steps between validations (0: only at the end; nothing without val_data)
     # optimisation (REFERENCE section 5)
     lr: float = 1e-3
     epochs: int = 1

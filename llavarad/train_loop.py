@@ -47,6 +47,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, world)  # before loading 7B parameters
     run_dir, template = Path(cfg.output), TEMPLATES[cfg.stage]
     records = load_train_records(cfg.data, cfg.loader)
+    if len(records) < cfg.global_batch:
+        raise ValueError(f"{cfg.data}: {len(records)} records to train on, fewer than one global batch of {cfg.global_batch}")
     base_dir = resolve_folder(cfg.base, "base model")
     tokenizer = Tokenizer(str(base_dir / "tokenizer.model"))
     bf16 = cfg.dtype == "bfloat16"
@@ -79,8 +81,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     if rank == 0:
         (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     n_trainable = sum(p.numel() for p in params.values())
-    print0(f"{cfg.stage}: {len(records)} samples, {steps_per_epoch} steps per epoch, {total} steps; global batch "
-           f"{cfg.global_batch} = {world} ranks x {cfg.micro_batch} x {accum} accumulation; {n_trainable:,} trainable parameters")
+    print0(f"{cfg.stage}: {len(records)} samples, {steps_per_epoch} steps per epoch ({len(records) % cfg.global_batch} samples "
+           f"wait for the next), {total} steps; global batch {cfg.global_batch} = {world} ranks x {cfg.micro_batch} x {accum} "
+           f"accumulation; {n_trainable:,} trainable parameters")
 
     sampler = StepSampler([text_length(r, template) for r in records], cfg.global_batch, cfg.micro_batch, rank, world,
                           cfg.seed, start, total)
