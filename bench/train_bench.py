@@ -209,10 +209,12 @@ def run_rows(args: argparse.Namespace, device: torch.device, cfg: LlamaConfig, v
         try:
             seconds, peak, loss = run()
         except torch.OutOfMemoryError:
-            print(f"{label}: out of memory", flush=True)
-            rows.append({"implementation": label, "error": "out of memory"})
+            seconds = None
+        if seconds is None:  # outside the except block, so its traceback no longer holds the model
             gc.collect()
             torch.cuda.empty_cache()
+            print(f"{label}: out of memory", flush=True)
+            rows.append({"implementation": label, "error": "out of memory"})
             continue
         row = {"implementation": label, "step_s": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak,
                "mfu_989": tokens / seconds * flops / 989e12, "first_loss": loss}

@@ -54,7 +54,7 @@ def peft_adapter_config(lora: LoRAConfig, base_name: str) -> dict:
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_name,
         "r": lora.r,
-        "lora_alpha": lora.alpha,
+        "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,  # peft declares an int
         "lora_dropout": lora.dropout,
         "target_modules": sorted(lora.targets),
         "bias": "none",
