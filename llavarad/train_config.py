@@ -73,7 +73,10 @@ def _flag(name: str) -> str:
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < `--config FILE.toml` < command-line flags."""
-    p = argparse.ArgumentParser(description="Train LLaVA-Rad (stage pretrain or lora); run under torchrun for several GPUs.")
+    p = argparse.ArgumentParser(
+        description="Train LLaVA-Rad (stage pretrain or lora); run under torchrun for several GPUs.",
+        epilog="Each flag sets the TrainConfig field of the same name (llavarad/train_config.py explains them all).",
+    )
     p.add_argument("--config", help="TOML file whose keys are the fields below (configs/pretrain.toml, configs/lora.toml)")
     for f in fields(TrainConfig):
         if f.type is bool:
