@@ -174,18 +174,18 @@ def build_hf(device: torch.device):
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    cfg = HFConfig(
+    cfg = HFConfig(  # Vicuna-7B v1.5; rope theta is the default 10000 (its field moved in transformers 5)
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device), default_dtype(torch.bfloat16):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.eos_token_id = None  # every report is NEW tokens
     model.generation_config.pad_token_id = 0
-    print(f"transformers {transformers.__version__}: attention {model.config._attn_implementation}", flush=True)
+    print(f"transformers {transformers.__version__}: attention {model.config._attn_implementation}, "
+          f"{model.dtype}", flush=True)
     return model.eval()
 
 
