@@ -76,13 +76,15 @@ def record(impl: str, batch: int, first: float, seconds: float, decode_tps: floa
 
 
 def failed(impl: str, batch: int, error: BaseException) -> None:
-    ROWS.append({"impl": impl, "batch": batch, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"})
+    message = str(error).splitlines()[0][:200] if str(error) else ""
+    ROWS.append({"impl": impl, "batch": batch, "error": f"{type(error).__name__}: {message}"})
     print(format_row(ROWS[-1]), flush=True)
     gc.collect()
     torch.cuda.empty_cache()
 
 
-HEADER = f"{'implementation':<34} {'batch':>5} {'reports/s':>10} {'new tok/s':>10} {'decode tok/s':>13} {'first s':>8} {'setup s':>8} {'peak GiB':>9}"
+HEADER = (f"{'implementation':<34} {'batch':>5} {'reports/s':>10} {'new tok/s':>10} {'decode tok/s':>13} "
+          f"{'first s':>8} {'setup s':>8} {'peak GiB':>9}")
 
 
 def format_row(r: dict) -> str:
@@ -223,7 +225,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after one untimed (default: %(default)s)")
     p.add_argument("--skip-compile", action="store_true", help="skip llavarad's torch.compile'd decode step")
     p.add_argument("--skip-hf", action="store_true", help="skip every transformers row")
-    p.add_argument("--skip-hf-static", action="store_true", help="skip transformers with a static cache (compiles for ~1 min per batch size)")
+    p.add_argument("--skip-hf-static", action="store_true",
+                   help="skip transformers with a static cache (compiles for ~1 min per batch size)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     if not torch.cuda.is_available():
