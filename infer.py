@@ -1,18 +1,27 @@
-"""Write the Findings section for a chest X-ray.
+"""Write the Findings section for chest X-rays: one image, or every query of a query file.
 
     python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO]
+    python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
+    torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
-stdout carries only the findings text; logs go to stderr.
+One image: stdout carries only the findings text. A query file (the PhysioNet LLaVA-Rad annotation
+JSON or a JSONL of {"id", "image", "reason"?, "reference"?}): one JSON line per query in --output
+({"id", "query", "reference", "prediction"}, or "error" for an unreadable image), appended as
+reports finish; rerunning the same command skips the ids already predicted. Logs go to stderr.
 """
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from llavarad.dist import close_distributed, init_distributed, print0
+from llavarad.engine import run_queries
 from llavarad.images import load_image
 from llavarad.pipeline import describe
+from llavarad.records import LOADERS, load_records
 from llavarad.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,29 +29,76 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", help="chest X-ray: PNG, JPEG or any image PIL reads")
+    p.add_argument("image", nargs="?", help="one chest X-ray: PNG, JPEG, DICOM (.dcm) or any image PIL reads")
     p.add_argument("--reason", help="reason for exam (indication); omitted -> the no-reason prompt")
     p.add_argument("--model", default="microsoft/llava-rad", help="release folder or Hugging Face repo id")
     p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: cuda (this rank's GPU under torchrun) when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
-    return p.parse_args(argv)
+    q = p.add_argument_group("query file")
+    q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
+    q.add_argument("--image-folder", help="root of the records' image paths (default: the query file's folder)")
+    q.add_argument("--loader", choices=LOADERS, default="default", help="record filter and prompt (default: %(default)s)")
+    q.add_argument("--output", help="predictions JSONL (required with --query-file)")
+    q.add_argument("--batch-size", type=int, default=32, help="reports generated at once per process")
+    q.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers per process")
+    q.add_argument("--limit", type=int, help="only the first N records of the query file")
+    q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="replay the decode step as a CUDA graph (default: on with CUDA)")
+    q.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start; measure before relying on it)")
+    args = p.parse_args(argv)
+    if (args.image is None) == (args.query_file is None):
+        p.error("give either an image or --query-file")
+    if args.query_file and not args.output:
+        p.error("--query-file needs --output")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        p.error("--batch-size and --max-new-tokens must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    rank, world, device = init_distributed() if args.query_file else (0, 1, None)
+    if args.device and not (args.device == "cuda" and device is not None and device.type == "cuda"):
+        device = torch.device(args.device)  # "cuda" under torchrun keeps this rank's own GPU
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     try:
+        if args.query_file:
+            return run_batch(args, rank, world, device, dtype)
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
-        t0 = time.time()
-        model, tokenizer = load_llavarad(args.model, args.base, dtype, args.device)
-        print(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
+        model, tokenizer = load(args, device, dtype)
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: a missing file, an unwritable output...
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        close_distributed()
     print(text)
+    return 0
+
+
+def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    t0 = time.time()
+    model, tokenizer = load_llavarad(args.model, args.base, dtype, device)
+    print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
+    return model, tokenizer
+
+
+def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> int:
+    records = load_records(args.query_file, args.loader)[: args.limit]  # fail on a bad query file first
+    folder = Path(args.image_folder) if args.image_folder else Path(args.query_file).parent
+    print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
+    model, tokenizer = load(args, device, dtype)
+    s = run_queries(
+        model, tokenizer, records, folder, args.output, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        workers=args.workers, cuda_graph=device.type == "cuda" if args.cuda_graph is None else args.cuda_graph,
+        compile=args.compile, rank=rank, world=world,
+    )
+    rate = s.predicted / s.seconds if s.seconds else 0.0
+    print0(f"done: {s.predicted} predicted, {s.skipped} skipped (already in {args.output}), {s.failed} failed; "
+           f"{s.seconds:.1f}s ({rate:.2f} reports/s)", file=sys.stderr)
     return 0
 
 

@@ -59,9 +59,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, pos: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k, v (B, T, H_kv, hd) at slots pos (B, T), a different slot per row allowed."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(pos)  # (B, T)
+    def write(self, pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> None:
+        """Store k, v (B, T, H_kv, hd) at slots pos (B, T) of cache rows `rows` (B,) (default 0..B-1)."""
+        if rows is None:
+            rows = torch.arange(k.shape[0], device=k.device)
+        rows = rows[:, None].expand_as(pos)  # (B, T)
         self.k[rows, pos] = k
         self.v[rows, pos] = v
 
@@ -76,15 +78,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None, rows: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if use_cache:
-            self.cache.write(pos, k, v)
+            self.cache.write(pos, k, v, rows)
         if use_cache and T == 1:  # decode: attend to this row's cache slots 0..pos
-            y = self._decode_attention(q, pos)
+            y = self._decode_attention(q, pos, rows)
         else:  # training or prefill from position 0: causal over the fresh keys
             y = self._causal_attention(q, k, v, mask)
         return self.o_proj(y.reshape(B, T, -1))
@@ -100,13 +102,15 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return y.transpose(1, 2)  # (B, T, H, hd)
 
-    def _decode_attention(self, q: Tensor, pos: Tensor) -> Tensor:
+    def _decode_attention(self, q: Tensor, pos: Tensor, rows: Tensor | None) -> Tensor:
         cache = self.cache
         if flash_attn_with_kvcache is not None and q.is_cuda:
             seqlens = (pos[:, 0] + 1).to(torch.int32)  # keys 0..pos are valid for each row
-            return flash_attn_with_kvcache(q, cache.k, cache.v, cache_seqlens=seqlens)
-        k = self._repeat_kv(cache.k.transpose(1, 2))  # (B, H, S, hd)
-        v = self._repeat_kv(cache.v.transpose(1, 2))
+            idx = None if rows is None else rows.to(torch.int32)
+            return flash_attn_with_kvcache(q, cache.k, cache.v, cache_seqlens=seqlens, cache_batch_idx=idx)
+        ck, cv = (cache.k, cache.v) if rows is None else (cache.k[rows], cache.v[rows])  # (B, S, Hkv, hd)
+        k = self._repeat_kv(ck.transpose(1, 2))  # (B, H, S, hd)
+        v = self._repeat_kv(cv.transpose(1, 2))
         slots = torch.arange(k.shape[2], device=q.device)
         mask = (slots[None, :] <= pos)[:, None, None, :]  # (B, 1, 1, S)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)  # (B, H, 1, hd)
@@ -137,8 +141,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, pos, use_cache, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None, rows: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, pos, use_cache, mask, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -157,12 +161,13 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attn.cache = KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device)
 
-    def forward(self, h: Tensor, pos: Tensor, use_cache: bool = False, mask: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, pos: Tensor, use_cache: bool = False, mask: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
         """Input embeddings h (B, T, dim) at positions pos (B, T) -> final normed hidden states (B, T, dim).
+        With the cache, `rows` (B,) are the cache rows the sequences live in (default 0..B-1).
 
         Logits are left to the caller (`self.lm_head`), which usually needs only a few positions.
         """
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, pos, use_cache, mask)
+            h = layer(h, cos, sin, pos, use_cache, mask, rows)
         return self.norm(h)

@@ -1,0 +1,210 @@
+"""Findings for every record of a query file: sharded over torchrun ranks, resumable, and fast.
+
+How a run goes (`run_queries`):
+  1. ids that already have a prediction in the output (or in part files a killed multi-process run
+     left) are skipped; each rank takes every world-th remaining record, in query order;
+  2. prompts are tokenized and sorted longest first (similar lengths prefill together; the
+     largest batch comes first, so running out of memory shows at once);
+  3. DataLoader workers read and preprocess the images while the GPU generates; an unreadable
+     image becomes an `error` record and the run goes on;
+  4. BatchGenerator keeps `batch_size` rows busy, refilling each finished row with the next prompt;
+  5. each report is appended and flushed as soon as it is done (world 1: to the output itself;
+     else to `<output>.rank<r>.part`), so a kill loses only the reports in flight;
+  6. rank 0 merges everything into the output in query order, one line per id.
+"""
+
+import glob
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from llavarad.dist import barrier, sum_across_ranks
+from llavarad.generate import BatchGenerator
+from llavarad.images import load_image, preprocess
+from llavarad.model import LlavaRad
+from llavarad.records import Record
+from llavarad.tokenizer import Tokenizer, build_prompt
+
+
+@dataclass
+class Summary:
+    predicted: int  # reports written by this run (all ranks)
+    skipped: int  # records that already had a prediction
+    failed: int  # records whose image could not be read (all ranks)
+    seconds: float
+
+
+class ImageFiles(Dataset):
+    """Image i -> (i, pixels (3, S, S) or None, error message or None); runs in DataLoader workers."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
+        path = self.paths[i]
+        try:
+            return i, preprocess(load_image(str(path)), self.image_size), None
+        except (ValueError, OSError) as e:
+            return i, None, str(e) if str(path) in str(e) else f"{path}: {e}"
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def part_path(output: Path, rank: int, world: int) -> Path:
+    """Where a rank appends its reports: the output itself in a single process."""
+    return output if world == 1 else output.with_name(f"{output.name}.rank{rank}.part")
+
+
+def part_files(output: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(glob.escape(str(output)) + ".rank*.part"))
+
+
+def read_results(path: Path) -> list[dict]:
+    """The records of a predictions file; a truncated last line (a kill mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise ValueError(f"{path}: line {n} is not valid JSON (not a predictions file?)") from None
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise ValueError(f"{path}: line {n} has no 'id' (not a predictions file?)")
+        out.append(rec)
+    return out
+
+
+def predicted_ids(output: Path) -> set[str]:
+    """Ids that already have a prediction; failed ones (an `error` record) are tried again."""
+    return {str(r["id"]) for p in [output, *part_files(output)] for r in read_results(p) if "prediction" in r}
+
+
+class ResultWriter:
+    """Appends one JSON line per report and flushes it, after cutting a partial last line."""
+
+    def __init__(self, path: Path):
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, expected a predictions file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self.file = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def merge_results(output: Path, order: list[str]) -> None:
+    """Rewrite the output from itself and the part files: one line per id (a prediction beats an
+    error), the query's ids in query order, then any other ids the file held; parts are removed."""
+    parts = part_files(output)
+    best: dict[str, dict] = {}
+    for path in [output, *parts]:
+        for rec in read_results(path):
+            key = str(rec["id"])
+            if "prediction" in rec or "prediction" not in best.get(key, {}):
+                best[key] = rec
+    known = set(order)
+    lines = [best[i] for i in order if i in best] + [r for i, r in best.items() if i not in known]
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    tmp.replace(output)
+    for p in parts:
+        p.unlink()
+
+
+def _result(rec: Record, **fields: str) -> dict:
+    """The official prediction-file record: id, query, reference (when known), then the outcome."""
+    out = {"id": rec.id, "query": rec.query}
+    if rec.reference is not None:
+        out["reference"] = rec.reference
+    return {**out, **fields}
+
+
+@torch.no_grad()
+def run_queries(
+    model: LlavaRad, tokenizer: Tokenizer, records: list[Record], image_folder: str | Path, output: str | Path,
+    batch_size: int = 32, max_new_tokens: int = 256, workers: int = 4, cuda_graph: bool = False,
+    compile: bool = False, rank: int = 0, world: int = 1, progress: bool = True,
+) -> Summary:
+    """Generate a report for every record not yet predicted in `output`; every rank calls this."""
+    t0, output, folder = time.time(), Path(output), Path(image_folder)
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"query id {dup!r} appears more than once; ids must be unique to resume a run")
+    done = predicted_ids(output)
+    todo = [r for r in records if r.id not in done]
+    mine = todo[rank::world]
+    barrier()  # every rank has read the finished ids before any rank writes
+
+    prompts = [tokenizer.encode_prompt(build_prompt(r.question)) for r in mine]
+    n_patches = model.tower.num_patches
+    order = sorted(range(len(mine)), key=lambda j: -len(prompts[j]))  # longest first, stable
+    mine, prompts = [mine[j] for j in order], [prompts[j] for j in order]
+    device = model.llm.lm_head.weight.device
+    writer = ResultWriter(part_path(output, rank, world))
+    bar = tqdm(total=len(mine), unit=" reports", desc=f"rank 0 of {world}" if world > 1 else None,
+               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    failed = predicted = 0
+
+    def embedded_prompts():
+        """(index, prompt embeddings (T, dim)), one DataLoader batch of images at a time."""
+        nonlocal failed
+        paths = [folder / r.image for r in mine]
+        loader = DataLoader(ImageFiles(paths, model.tower.cfg.image_size), batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+        for chunk in loader:
+            good = []
+            for i, pixels, error in chunk:
+                if error is None:
+                    good.append((i, pixels))
+                    continue
+                tqdm.write(f"error: {error}", file=sys.stderr)
+                writer.write(_result(mine[i], error=error))
+                failed += 1
+                bar.update()
+            if not good:
+                continue
+            feats = model.encode_images(torch.stack([p for _, p in good]).to(device))  # (k, N, dim)
+            embeds, lengths = model.embed([prompts[i] for i, _ in good], feats)  # (k, T, dim), (k,)
+            for j, ((i, _), n) in enumerate(zip(good, lengths.tolist())):
+                yield i, embeds[j, :n]
+
+    if mine:
+        max_len = max(len(p) for p in prompts) - 1 + n_patches + max_new_tokens
+        gen = BatchGenerator(model.llm, min(batch_size, len(mine)), max_len, tokenizer.eos_id, cuda_graph=cuda_graph, compile=compile)
+        for i, tokens in gen.run(embedded_prompts(), max_new_tokens):
+            writer.write(_result(mine[i], prediction=tokenizer.decode(tokens)))
+            predicted += 1
+            bar.update()
+    writer.close()
+    bar.close()
+    predicted, failed = sum_across_ranks([predicted, failed])  # also waits for every rank to finish
+    if rank == 0:
+        merge_results(output, ids)
+    return Summary(predicted, len(records) - len(todo), failed, time.time() - t0)
