@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q.add_argument("--batch-size", type=int, default=32, help="reports generated at once per process")
     q.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers per process")
     q.add_argument("--limit", type=int, help="only the first N records of the query file")
-    q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, help="replay the decode step as a CUDA graph (default: on with CUDA)")
+    q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="replay the decode step as a CUDA graph (default: on with CUDA)")
     q.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start; measure before relying on it)")
     args = p.parse_args(argv)
     if (args.image is None) == (args.query_file is None):

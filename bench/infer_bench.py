@@ -76,13 +76,15 @@ def record(impl: str, batch: int, first: float, seconds: float, decode_tps: floa
 
 
 def failed(impl: str, batch: int, error: BaseException) -> None:
-    ROWS.append({"impl": impl, "batch": batch, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"})
+    message = str(error).splitlines()[0][:200] if str(error) else ""
+    ROWS.append({"impl": impl, "batch": batch, "error": f"{type(error).__name__}: {message}"})
     print(format_row(ROWS[-1]), flush=True)
     gc.collect()
     torch.cuda.empty_cache()
 
 
-HEADER = f"{'implementation':<34} {'batch':>5} {'reports/s':>10} {'new tok/s':>10} {'decode tok/s':>13} {'first s':>8} {'setup s':>8} {'peak GiB':>9}"
+HEADER = (f"{'implementation':<34} {'batch':>5} {'reports/s':>10} {'new tok/s':>10} {'decode tok/s':>13} "
+          f"{'first s':>8} {'setup s':>8} {'peak GiB':>9}")
 
 
 def format_row(r: dict) -> str:
@@ -174,18 +176,18 @@ def build_hf(device: torch.device):
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    cfg = HFConfig(
+    cfg = HFConfig(  # Vicuna-7B v1.5; rope theta is the default 10000 (its field moved in transformers 5)
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device), default_dtype(torch.bfloat16):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.eos_token_id = None  # every report is NEW tokens
     model.generation_config.pad_token_id = 0
-    print(f"transformers {transformers.__version__}: attention {model.config._attn_implementation}", flush=True)
+    print(f"transformers {transformers.__version__}: attention {model.config._attn_implementation}, "
+          f"{model.dtype}", flush=True)
     return model.eval()
 
 
@@ -223,7 +225,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure, after one untimed (default: %(default)s)")
     p.add_argument("--skip-compile", action="store_true", help="skip llavarad's torch.compile'd decode step")
     p.add_argument("--skip-hf", action="store_true", help="skip every transformers row")
-    p.add_argument("--skip-hf-static", action="store_true", help="skip transformers with a static cache (compiles for ~1 min per batch size)")
+    p.add_argument("--skip-hf-static", action="store_true",
+                   help="skip transformers with a static cache (compiles for ~1 min per batch size)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -21,7 +21,8 @@ def models(tmp_path_factory):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in LENGTHS]
     with torch.no_grad():
-        free = [hf.generate(p[None], max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        free = [hf.generate(p[None], max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+                for p in prompts]
     return llm, prompts, free, hf
 
 

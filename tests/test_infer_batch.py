@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
 def run(setup, output, batch_size=3, records=None, **kw):
     tiny, tmp, queries, model, tokenizer = setup
     records = records if records is not None else load_records(queries)
-    return run_queries(model, tokenizer, records, queries.parent, output, batch_size=batch_size, max_new_tokens=NEW, workers=0, progress=False, **kw)
+    return run_queries(model, tokenizer, records, queries.parent, output, batch_size=batch_size, max_new_tokens=NEW,
+                       workers=0, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")

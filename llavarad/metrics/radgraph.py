@@ -176,19 +176,18 @@ class RadGraph:
         if a is None:  # a text without words
             return {"text": "", "entities": {}}
         number = {(s, e): str(k + 1) for k, (s, e, _) in enumerate(a.entities)}
+        relations: dict[tuple[int, int], list] = {span: [] for span in number}  # per first span, in order
+        for s1, e1, s2, e2, r in a.relations:
+            if (s1, e1) in number and (s2, e2) in number:
+                relations[(s1, e1)].append([self.relation_labels[r], number[(s2, e2)]])
         entities: dict[str, dict] = {}
         for k, (s, e, label) in enumerate(a.entities):
-            relations = [
-                [self.relation_labels[r], number[(s2, e2)]]
-                for s1, e1, s2, e2, r in a.relations
-                if (s1, e1) == (s, e) and (s2, e2) in number
-            ]
             entities[str(k + 1)] = {
                 "tokens": " ".join(words[s : e + 1]),
                 "label": self.entity_labels[label],
                 "start_ix": s,
                 "end_ix": e,
-                "relations": relations,
+                "relations": relations[(s, e)],
             }
         return {"text": " ".join(words), "entities": entities}
 
