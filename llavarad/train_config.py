@@ -2,7 +2,10 @@
 command line that overrides both (every field is a flag: `global_batch` -> `--global-batch`)."""
 
 import argparse
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
