@@ -77,8 +77,12 @@ def resolve_folder(name: str, what: str) -> Path:
             f"{name}: no such {what} folder; download it (huggingface-cli download {name} --local-dir DIR) "
             f"and pass DIR, or pip install 'llavarad[hub]' to download it here"
         ) from None
-    print(f"downloading {name} from the Hugging Face hub", file=sys.stderr)
-    return Path(snapshot_download(name))
+    print(f"{name}: not a local folder, downloading it from the Hugging Face hub", file=sys.stderr)
+    try:
+        return Path(snapshot_download(name))
+    except Exception as e:  # no such repo, gated repo, no network: one line, not a traceback
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({type(e).__name__}: {first})") from None
 
 
 def load_file(path: Path) -> dict[str, Tensor]:

@@ -114,3 +114,16 @@ def test_checkpoint_with_code_is_refused(tiny, capsys):
     torch.save({"x": torch.zeros(1), "evil": print}, release / "non_lora_trainables.bin")
     code, err = run(capsys, image, release, base)
     assert code == 1 and "non_lora_trainables.bin" in err and "cannot read checkpoint" in err
+
+
+def test_failed_hub_download_is_one_line(tiny, capsys, monkeypatch):
+    """A name that is no folder is tried as a hub repo id; a failed download is one clear line."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo_id, **kw):
+        raise OSError(f"cannot reach the hub for {repo_id}\nlong traceback text")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    base, release, image = tiny
+    code, err = run(capsys, image, "someone/no-such-release", base)
+    assert code == 1 and err.startswith("error: someone/no-such-release: no such model folder") and "hub download failed" in err
