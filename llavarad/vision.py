@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from llavarad.errors import reason
+
 
 @dataclass
 class VisionConfig:
@@ -219,8 +221,7 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types, all meaning "not a loadable checkpoint"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({reason})") from None
+        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({reason(e)})") from None
     trunk = _trunk_state_dict(checkpoint, checkpoint_path)
     del checkpoint  # the text tower and optimizer state are not needed
     cfg = _config_from_tensors(trunk, head_width, image_size, (json_path, checkpoint_path))
