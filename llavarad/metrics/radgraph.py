@@ -154,7 +154,6 @@ class RadGraph:
     entity_labels: list[str]  # index 0 is "", no entity
     relation_labels: list[str]
 
-    @torch.no_grad()
     def annotate(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
         """Per text, the radgraph package's annotation: {"text": words joined by spaces,
         "entities": {"1": {"tokens", "label", "start_ix", "end_ix", "relations": [[label, "k"]]}}}."""
