@@ -112,6 +112,14 @@ def report_pairs(n: int = 60, seed: int = 0) -> tuple[list[str], list[str]]:
     return preds, refs
 
 
+# The official labeler's conditions in head order (rrg_eval/chexbert.py).
+CHEXBERT_CONDITIONS = [
+    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+    "Pleural Other", "Fracture", "Support Devices", "No Finding",
+]
+
+
 def reference_chexbert_labels(texts: list[str], sd: dict, vocab_path: str) -> np.ndarray:
     """CheXbert labels the way the official `rrg_eval/chexbert.py` computes them, on transformers."""
     from transformers import BertModel, BertTokenizer
@@ -172,15 +180,12 @@ def official_scores(preds: list[str], refs: list[str], labels: np.ndarray | None
         return out
     n = len(preds)
     five = [1, 4, 5, 7, 9]  # Cardiomegaly, Edema, Consolidation, Atelectasis, Pleural Effusion in head order
-    names14 = ["Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-               "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-               "Pleural Other", "Fracture", "Support Devices", "No Finding"]
     for plus, positive in (("", (1,)), ("+", (1, 3))):
         binary = np.isin(labels, positive).astype(int).tolist()
         for suffix, cols in (("14", list(range(14))), ("5", five)):
             y_pred = [[row[c] for c in cols] for row in binary[:n]]
             y_true = [[row[c] for c in cols] for row in binary[n:]]
-            cr = classification_report(y_true, y_pred, target_names=[names14[c] for c in cols], output_dict=True, zero_division=0)
+            cr = classification_report(y_true, y_pred, target_names=[CHEXBERT_CONDITIONS[c] for c in cols], output_dict=True, zero_division=0)
             if suffix == "14":
                 out["breakdown" + (plus or "-")] = cr
             for key in ("micro", "macro"):

@@ -14,6 +14,8 @@ import torch
 
 from _metrics_fixtures import write_vocab
 
+# The radgraph package's word split for the original RadGraph model, verbatim: the reference for ours.
+PACKAGE_SPLIT = "(?<! )(?=[/,-,:,.,!?()])|(?<=[/,-,:,.,!?()])(?! )"
 ENTITY_LABELS = ["", "ANAT-DP", "OBS-DP", "OBS-U", "OBS-DA"]
 RELATION_LABELS = ["modify", "located_at", "suggestive_of"]
 FF_LAYERS, FF_HIDDEN, FEATURE_SIZE, MAX_SPAN_WIDTH, SPANS_PER_WORD = 2, 16, 8, 4, 0.5

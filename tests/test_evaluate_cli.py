@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import evaluate
-from _metrics_fixtures import chexbert_state_dict, official_scores, random_bert, reference_chexbert_labels, report_pairs, write_vocab
+from _metrics_fixtures import CHEXBERT_CONDITIONS, chexbert_state_dict, official_scores, random_bert, reference_chexbert_labels, report_pairs, write_vocab
 
 N_RESAMPLES = 40  # the official 500 makes the sklearn reference slow; the draw is the same either way
 MAIN_COLUMNS = ["BLEU-1", "BLEU-4", "ROUGE-L", "ROUGE-2", "Micro-F1-14", "Macro-F1-14", "Micro-F1-5", "Macro-F1-5",
@@ -87,6 +87,13 @@ def test_outputs_equal_the_official_pipeline(setup, capsys):
     assert per_report[0]["id"] == "s0" and per_report[8]["line"] == 10
     assert np.mean([r["ROUGE-L"] for r in per_report]) == pytest.approx(metrics["metrics"]["ROUGE-L"]["value"])
     assert set(per_report[0]) >= {"chexbert_prediction", "chexbert_reference", "chexbert_disagree"}
+    # Each report's labels are the official labeler's; "disagree" compares positive vs not.
+    names = ("blank", "positive", "negative", "uncertain")
+    for row, pred, ref in zip(per_report, labels[: len(preds)], labels[len(preds) :]):
+        assert row["chexbert_prediction"] == {c: names[v] for c, v in zip(CHEXBERT_CONDITIONS, pred) if v}
+        assert row["chexbert_reference"] == {c: names[v] for c, v in zip(CHEXBERT_CONDITIONS, ref) if v}
+        assert row["chexbert_disagree"] == [c for c, p, r in zip(CHEXBERT_CONDITIONS, pred, ref) if (p == 1) != (r == 1)]
+    assert sum(bool(r["chexbert_disagree"]) for r in per_report) > 5
 
     shown = capsys.readouterr()
     assert "Micro-F1-14" in shown.out and "F1-RadGraph   skipped" in shown.out and "2 records failed" in shown.err

@@ -10,14 +10,11 @@ import pytest
 import torch
 
 from _metrics_fixtures import REPORTS, write_vocab
-from _radgraph_fixtures import archive_files, tiny_config, tiny_radgraph, tiny_state_dict, write_archive
+from _radgraph_fixtures import PACKAGE_SPLIT, archive_files, tiny_config, tiny_radgraph, tiny_state_dict, write_archive
 from llavarad.metrics import radgraph as rg_module
 from llavarad.metrics.radgraph import load_radgraph, partial_reward, radgraph_rewards
 from llavarad.metrics.radgraph_text import fold, split_words, word_pieces
 from llavarad.metrics.wordpiece import WordPiece
-
-# The radgraph package's split for the original RadGraph model, verbatim.
-PACKAGE_SPLIT = "(?<! )(?=[/,-,:,.,!?()])|(?<=[/,-,:,.,!?()])(?! )"
 
 
 # ---------------------------------------------------------------------------------------------

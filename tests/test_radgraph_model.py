@@ -18,6 +18,7 @@ from _radgraph_fixtures import (
     FF_LAYERS,
     MAX_LENGTH,
     MAX_SPAN_WIDTH,
+    PACKAGE_SPLIT,
     RELATION_LABELS,
     SPANS_PER_WORD,
     archive_files,
@@ -28,8 +29,6 @@ from llavarad.metrics.radgraph import load_radgraph
 from llavarad.metrics.radgraph_model import Annotation
 from llavarad.metrics.radgraph_text import split_words, word_pieces
 
-# The radgraph package's split for the original RadGraph model, verbatim.
-PACKAGE_SPLIT = "(?<! )(?=[/,-,:,.,!?()])|(?<=[/,-,:,.,!?()])(?! )"
 NER = "_ner._ner_scorers.radgraph__ner_labels"
 PRUNER = "_relation._mention_pruners.radgraph__relation_labels._scorer"
 REL_FF = "_relation._relation_feedforwards.radgraph__relation_labels"

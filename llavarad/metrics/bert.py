@@ -147,6 +147,18 @@ class Bert(nn.Module):
         return x
 
 
+def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> input_ids and attention_mask, (B, T) each, right-padded with id 0 to the
+    longest; `Bert` masks the padding out, so a text's outputs do not depend on its batch."""
+    T = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return input_ids, mask
+
+
 def load_bert(sd: dict, prefix: str) -> Bert:
     """A `Bert` holding the tensors of `sd` under `prefix` (e.g. "module.bert."); keys elsewhere are
     left to the caller. A missing, unknown or mis-shaped key is an error that names it."""

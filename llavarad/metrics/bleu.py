@@ -14,6 +14,8 @@ from collections import Counter
 
 import numpy as np
 
+from llavarad.metrics.bootstrap import resample_counts
+
 SACREBLEU_SEED = 12345
 
 # mteval-v13a's language-dependent rules, in order.
@@ -90,10 +92,8 @@ def bleu_with_ci(hyps: list[str], refs: list[str], max_order: int = 4, n_resampl
         return {"value": value}
     n = len(hyps)
     idx = np.random.default_rng(SACREBLEU_SEED).choice(n, size=(n_resamples, n), replace=True)
-    counts = np.zeros((n_resamples, n), dtype=np.int64)
-    np.add.at(counts, (np.arange(n_resamples)[:, None], idx), 1)
     # sacrebleu sums float32 statistics; integer sums are exact in float32 below 2**24.
-    sums = (counts @ stats).astype(np.float32)  # (B, 2 + 2 * max_order)
+    sums = (resample_counts(idx, n) @ stats).astype(np.float32)  # (B, 2 + 2 * max_order)
     scores = sorted(bleu_from_stats(row, max_order) for row in sums)
     lower = n_resamples // 40
     half_width = 0.5 * (scores[n_resamples - lower - 1] - scores[lower])

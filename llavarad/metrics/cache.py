@@ -11,9 +11,16 @@ import os
 
 
 def file_fingerprint(*paths: str) -> str:
-    """sha256 over the contents of the files (e.g. the checkpoint and its vocab)."""
-    h = hashlib.sha256()
+    """sha256 over the contents of the files (e.g. the checkpoint and its vocab); a folder (an
+    unpacked model archive) stands for all the files under it, in sorted path order."""
+    files = []
     for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+        else:
+            files.append(path)
+    h = hashlib.sha256()
+    for path in files:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from llavarad.metrics.bert import Bert, load_bert
+from llavarad.metrics.bert import Bert, load_bert, pad_batch
 from llavarad.metrics.cache import file_fingerprint, load_cache, save_cache
 from llavarad.metrics.wordpiece import WordPiece
 
@@ -84,12 +84,7 @@ def label(model: CheXbert, ids: list[list[int]], device: str, batch_size: int = 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="CheXbert", unit="batch", disable=None):
-        T = len(ids[batch[0]])
-        input_ids = torch.zeros(len(batch), T, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-            mask[row, : len(ids[i])] = 1
+        input_ids, mask = pad_batch([ids[i] for i in batch])
         out[batch] = model(input_ids.to(device), mask.to(device)).cpu().numpy()
     return out
 

@@ -154,7 +154,6 @@ class RadGraph:
     entity_labels: list[str]  # index 0 is "", no entity
     relation_labels: list[str]
 
-    @torch.no_grad()
     def annotate(self, texts: list[str], batch_size: int = 32, progress: bool = False) -> list[dict]:
         """Per text, the radgraph package's annotation: {"text": words joined by spaces,
         "entities": {"1": {"tokens", "label", "start_ix", "end_ix", "relations": [[label, "k"]]}}}."""
@@ -247,12 +246,7 @@ def annotate_cached(texts: list[str], archive: str, vocab: str, device: str, bat
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: {what} not found")
     unique = list(dict.fromkeys(texts))
-    fingerprint = None
-    if cache is not None:
-        parts = [archive] if os.path.isfile(archive) else sorted(
-            os.path.join(root, name) for root, _, names in os.walk(archive) for name in names
-        )
-        fingerprint = file_fingerprint(*parts, vocab)
+    fingerprint = file_fingerprint(archive, vocab) if cache is not None else ""
     known = load_cache(cache, fingerprint)
     todo = [t for t in unique if t not in known]
     if todo:

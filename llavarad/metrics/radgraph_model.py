@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llavarad.metrics.bert import Bert, BertConfig
+from llavarad.metrics.bert import Bert, BertConfig, pad_batch
 from llavarad.metrics.radgraph_text import Pieces, fold
 
 # Rows of span pairs scored at once: bounds the (rows, K, 3 * span_dim) pair tensor of long reports.
@@ -90,12 +90,7 @@ class RadGraphModel(nn.Module):
         device = self.width_embedding.weight.device
         windows = [fold(r.ids, self.cfg.max_length, cls_id, sep_id) for r in reports]
         flat = [w for ws in windows for w in ws]
-        T = max(len(w) for w in flat)
-        ids = torch.zeros(len(flat), T, dtype=torch.long)
-        mask = torch.zeros(len(flat), T, dtype=torch.long)
-        for i, w in enumerate(flat):
-            ids[i, : len(w)] = torch.tensor(w)
-            mask[i, : len(w)] = 1
+        ids, mask = pad_batch(flat)
         hidden = self.bert(ids.to(device), mask.to(device))  # (windows, T, H)
 
         out, first = [], 0
