@@ -118,12 +118,7 @@ def ours(cfg: LlamaConfig, vision: VisionConfig, checkpointing: str, steps: int,
         loss_sum, _ = train_step(model, micro, optimizer, params, 1e-5, 1.0, n_supervised, 1, autocast, device)
         return loss_sum / n_supervised
 
-    try:
-        return timed(step, steps, device)
-    finally:
-        del model, optimizer, params
-        gc.collect()
-        torch.cuda.empty_cache()
+    return timed(step, steps, device)
 
 
 def hf_peft(cfg: LlamaConfig, vision: VisionConfig, steps: int, device: torch.device) -> tuple[float, float, float]:
@@ -160,12 +155,7 @@ def hf_peft(cfg: LlamaConfig, vision: VisionConfig, steps: int, device: torch.de
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    try:
-        return timed(step, steps, device)
-    finally:
-        del model, optimizer, params
-        gc.collect()
-        torch.cuda.empty_cache()
+    return timed(step, steps, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,9 +200,11 @@ def run_rows(args: argparse.Namespace, device: torch.device, cfg: LlamaConfig, v
             seconds, peak, loss = run()
         except torch.OutOfMemoryError:
             seconds = None
-        if seconds is None:  # outside the except block, so its traceback no longer holds the model
-            gc.collect()
-            torch.cuda.empty_cache()
+        # Free this row's model before the next row: here, outside the except block, whose
+        # traceback would still hold it after an out-of-memory error.
+        gc.collect()
+        torch.cuda.empty_cache()
+        if seconds is None:
             print(f"{label}: out of memory", flush=True)
             rows.append({"implementation": label, "error": "out of memory"})
             continue
