@@ -56,9 +56,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
 
     torch.manual_seed(cfg.seed)  # the new projector / LoRA weights: the same draw on every rank
     model = build_model(cfg.stage, str(base_dir), cfg.tower, cfg.projector, lora, torch.bfloat16 if bf16 else torch.float32, device)
-    vision = model.tower.cfg
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    dataset = TrainDataset(records, cfg.image_folder, tokenizer, template, n_image, vision.image_size, cfg.max_len)
+    n_image, image_size = model.tower.num_patches, model.tower.cfg.image_size
+    dataset = TrainDataset(records, cfg.image_folder, tokenizer, template, n_image, image_size, cfg.max_len)
     parallelize(model, cfg.activation_checkpointing)
     params = trainable_parameters(model)
     optimizer = build_optimizer(list(params.values()), cfg.weight_decay, device)
@@ -91,7 +90,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     val_loader = None
     if cfg.val_data:
         val_set = TrainDataset(load_train_records(cfg.val_data, cfg.loader), cfg.image_folder, tokenizer, template,
-                               n_image, vision.image_size, cfg.max_len)
+                               n_image, image_size, cfg.max_len)
         val_loader = _loader(val_set, eval_batches(len(val_set), cfg.micro_batch, rank, world), cfg.num_workers, device, cfg.seed)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
