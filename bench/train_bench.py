@@ -107,7 +107,6 @@ def ours(cfg: LlamaConfig, vision: VisionConfig, checkpointing: str, steps: int,
     model = assemble("lora", tower, Projector(vision.width, cfg.dim).to(device), random_llm(cfg, device), LORA)
     parallelize(model, checkpointing)
     model.train()
-    model.tower.eval()
     params = list(trainable_parameters(model).values())
     optimizer = build_optimizer(params, 0.0, device)
     micro = [batch(cfg, vision)]

@@ -99,7 +99,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     log.keep_until(start)  # lines a killed run wrote after its last checkpoint are written again
     bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True, desc=cfg.stage)
     model.train()
-    model.tower.eval()
     n_missing = n_truncated = n_seen = 0  # since this process started
     for step in range(start, total):
         micro = [next(batches) for _ in range(accum)]
@@ -184,7 +183,6 @@ def validate(model: TrainModel, loader: DataLoader, device: torch.device, autoca
         total += torch.stack([ce.double(), (b["labels"][:, 1:] != IGNORE_INDEX).sum().double()])
     dist.all_reduce(total)
     model.train()
-    model.tower.eval()
     return (total[0] / total[1].clamp(min=1)).item()
 
 

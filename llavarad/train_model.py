@@ -41,6 +41,12 @@ class TrainModel(LlavaRad):
         logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
+    def train(self, mode: bool = True) -> "TrainModel":
+        """The tower stays in eval mode whatever the mode: it is frozen, only the decoder trains."""
+        super().train(mode)
+        self.tower.eval()
+        return self
+
 
 def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lora: LoRAConfig,
                 dtype: torch.dtype, device: torch.device) -> TrainModel:
@@ -61,7 +67,7 @@ def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lo
 def assemble(stage: str, tower: VisionTower, projector: Projector, llm: Llama, lora: LoRAConfig) -> TrainModel:
     """Freeze the tower and the decoder, keep the projector trainable in float32, and in the lora
     stage add LoRA to the decoder (in float32 too: the optimizer's master copy)."""
-    tower.requires_grad_(False).eval()
+    tower.requires_grad_(False)
     llm.requires_grad_(False)
     projector.to(torch.float32).requires_grad_(True)
     if stage == "lora":
