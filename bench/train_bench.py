@@ -110,7 +110,7 @@ def ours(cfg: LlamaConfig, vision: VisionConfig, checkpointing: str, steps: int,
     params = list(trainable_parameters(model).values())
     optimizer = build_optimizer(params, 0.0, device)
     micro = [batch(cfg, vision)]
-    n_supervised = float((micro[0]["labels"][:, 1:] != IGNORE_INDEX).sum())
+    n_supervised = float(micro[0]["n_supervised"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():

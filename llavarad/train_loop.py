@@ -26,7 +26,7 @@ from llavarad.dist import init_distributed, print0
 from llavarad.optim import build_optimizer, get_lr
 from llavarad.parallel import ensure_process_group, parallelize
 from llavarad.release import save_lora_release, save_pretrain_outputs
-from llavarad.tokenizer import IGNORE_INDEX, Tokenizer
+from llavarad.tokenizer import Tokenizer
 from llavarad.train_config import TrainConfig
 from llavarad.train_model import TrainModel, build_model, trainable_parameters
 from llavarad.weights import resolve_folder
@@ -103,7 +103,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     for step in range(start, total):
         micro = [next(batches) for _ in range(accum)]
         # [supervised tokens, real tokens, padded slots, rows, unreadable images, cut samples], all micro-batches and ranks
-        counts = torch.tensor([[(b["labels"][:, 1:] != IGNORE_INDEX).sum(), b["n_real"], b["tokens"].numel(), len(b["tokens"]),
+        counts = torch.tensor([[b["n_supervised"], b["n_real"], b["tokens"].numel(), len(b["tokens"]),
                                 b["n_missing"], b["n_truncated"]] for b in micro], dtype=torch.float64).sum(0).to(device)
         dist.all_reduce(counts)
         n_supervised, n_real, n_slots, n_rows, missing, truncated = counts.tolist()
@@ -180,7 +180,8 @@ def validate(model: TrainModel, loader: DataLoader, device: torch.device, autoca
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         with autocast:
             ce = model(b["pixels"], b["tokens"], b["image_mask"], b["labels"])
-        total += torch.stack([ce.double(), (b["labels"][:, 1:] != IGNORE_INDEX).sum().double()])
+        total[0] += ce
+        total[1] += b["n_supervised"]
     dist.all_reduce(total)
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
