@@ -12,8 +12,7 @@ flags win. `--resume` continues from the newest checkpoint in the output folder.
 
 import sys
 
-import torch.distributed as dist
-
+from llavarad.dist import close_distributed
 from llavarad.train_config import parse_train_args
 from llavarad.train_loop import train
 
@@ -25,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
     return 0
 
 

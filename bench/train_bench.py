@@ -107,23 +107,17 @@ def ours(cfg: LlamaConfig, vision: VisionConfig, checkpointing: str, steps: int,
     model = assemble("lora", tower, Projector(vision.width, cfg.dim).to(device), random_llm(cfg, device), LORA)
     parallelize(model, checkpointing)
     model.train()
-    model.tower.eval()
     params = list(trainable_parameters(model).values())
     optimizer = build_optimizer(params, 0.0, device)
     micro = [batch(cfg, vision)]
-    n_supervised = float((micro[0]["labels"][:, 1:] != IGNORE_INDEX).sum())
+    n_supervised = float(micro[0]["n_supervised"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
         loss_sum, _ = train_step(model, micro, optimizer, params, 1e-5, 1.0, n_supervised, 1, autocast, device)
         return loss_sum / n_supervised
 
-    try:
-        return timed(step, steps, device)
-    finally:
-        del model, optimizer, params
-        gc.collect()
-        torch.cuda.empty_cache()
+    return timed(step, steps, device)
 
 
 def hf_peft(cfg: LlamaConfig, vision: VisionConfig, steps: int, device: torch.device) -> tuple[float, float, float]:
@@ -160,12 +154,7 @@ def hf_peft(cfg: LlamaConfig, vision: VisionConfig, steps: int, device: torch.de
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    try:
-        return timed(step, steps, device)
-    finally:
-        del model, optimizer, params
-        gc.collect()
-        torch.cuda.empty_cache()
+    return timed(step, steps, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,9 +199,11 @@ def run_rows(args: argparse.Namespace, device: torch.device, cfg: LlamaConfig, v
             seconds, peak, loss = run()
         except torch.OutOfMemoryError:
             seconds = None
-        if seconds is None:  # outside the except block, so its traceback no longer holds the model
-            gc.collect()
-            torch.cuda.empty_cache()
+        # Free this row's model before the next row: here, outside the except block, whose
+        # traceback would still hold it after an out-of-memory error.
+        gc.collect()
+        torch.cuda.empty_cache()
+        if seconds is None:
             print(f"{label}: out of memory", flush=True)
             rows.append({"implementation": label, "error": "out of memory"})
             continue

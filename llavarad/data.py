@@ -99,7 +99,8 @@ class TrainDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Right-pad to the longest sample: tokens/labels/image_mask (B, T), pixels (B, 3, S, S), and counts."""
+    """Right-pad to the longest sample: tokens/labels/image_mask (B, T), pixels (B, 3, S, S), and counts
+    (made here, in the loader's workers, so the step loop only sums them)."""
     B, T = len(samples), max(len(s["tokens"]) for s in samples)
     tokens = torch.zeros(B, T, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -114,6 +115,7 @@ def collate(samples: list[dict]) -> dict:
         "labels": labels,
         "image_mask": image_mask,
         "pixels": torch.stack([s["pixels"] for s in samples]),
+        "n_supervised": int((labels[:, 1:] != IGNORE_INDEX).sum()),  # tokens with a target: the loss's denominator
         "n_real": sum(len(s["tokens"]) for s in samples),  # tokens that are not padding
         "n_missing": sum(s["missing"] for s in samples),
         "n_truncated": sum(s["truncated"] for s in samples),

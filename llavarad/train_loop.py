@@ -26,7 +26,7 @@ from llavarad.dist import init_distributed, print0
 from llavarad.optim import build_optimizer, get_lr
 from llavarad.parallel import ensure_process_group, parallelize
 from llavarad.release import save_lora_release, save_pretrain_outputs
-from llavarad.tokenizer import IGNORE_INDEX, Tokenizer
+from llavarad.tokenizer import Tokenizer
 from llavarad.train_config import TrainConfig
 from llavarad.train_model import TrainModel, build_model, trainable_parameters
 from llavarad.weights import resolve_folder
@@ -56,9 +56,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
 
     torch.manual_seed(cfg.seed)  # the new projector / LoRA weights: the same draw on every rank
     model = build_model(cfg.stage, str(base_dir), cfg.tower, cfg.projector, lora, torch.bfloat16 if bf16 else torch.float32, device)
-    vision = model.tower.cfg
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    dataset = TrainDataset(records, cfg.image_folder, tokenizer, template, n_image, vision.image_size, cfg.max_len)
+    n_image, image_size = model.tower.num_patches, model.tower.cfg.image_size
+    dataset = TrainDataset(records, cfg.image_folder, tokenizer, template, n_image, image_size, cfg.max_len)
     parallelize(model, cfg.activation_checkpointing)
     params = trainable_parameters(model)
     optimizer = build_optimizer(list(params.values()), cfg.weight_decay, device)
@@ -91,7 +90,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     val_loader = None
     if cfg.val_data:
         val_set = TrainDataset(load_train_records(cfg.val_data, cfg.loader), cfg.image_folder, tokenizer, template,
-                               n_image, vision.image_size, cfg.max_len)
+                               n_image, image_size, cfg.max_len)
         val_loader = _loader(val_set, eval_batches(len(val_set), cfg.micro_batch, rank, world), cfg.num_workers, device, cfg.seed)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -100,12 +99,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     log.keep_until(start)  # lines a killed run wrote after its last checkpoint are written again
     bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True, desc=cfg.stage)
     model.train()
-    model.tower.eval()
     n_missing = n_truncated = n_seen = 0  # since this process started
     for step in range(start, total):
         micro = [next(batches) for _ in range(accum)]
         # [supervised tokens, real tokens, padded slots, rows, unreadable images, cut samples], all micro-batches and ranks
-        counts = torch.tensor([[(b["labels"][:, 1:] != IGNORE_INDEX).sum(), b["n_real"], b["tokens"].numel(), len(b["tokens"]),
+        counts = torch.tensor([[b["n_supervised"], b["n_real"], b["tokens"].numel(), len(b["tokens"]),
                                 b["n_missing"], b["n_truncated"]] for b in micro], dtype=torch.float64).sum(0).to(device)
         dist.all_reduce(counts)
         n_supervised, n_real, n_slots, n_rows, missing, truncated = counts.tolist()
@@ -182,10 +180,10 @@ def validate(model: TrainModel, loader: DataLoader, device: torch.device, autoca
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         with autocast:
             ce = model(b["pixels"], b["tokens"], b["image_mask"], b["labels"])
-        total += torch.stack([ce.double(), (b["labels"][:, 1:] != IGNORE_INDEX).sum().double()])
+        total[0] += ce
+        total[1] += b["n_supervised"]
     dist.all_reduce(total)
     model.train()
-    model.tower.eval()
     return (total[0] / total[1].clamp(min=1)).item()
 
 

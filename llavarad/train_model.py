@@ -16,27 +16,22 @@ from torch import Tensor, nn
 from llavarad.config import LoRAConfig
 from llavarad.llama import Llama
 from llavarad.lora import apply_lora
-from llavarad.model import Projector
+from llavarad.model import LlavaRad, Projector
 from llavarad.tokenizer import IGNORE_INDEX
 from llavarad.vision import VisionTower, load_tower
 from llavarad.weights import TOWER_CKPT, TOWER_JSON, load_llm, load_projector, resolve_folder
 
 
-class TrainModel(nn.Module):
-    """Tower, projector and decoder under one root, so that FSDP gathers every weight the forward uses."""
-
-    def __init__(self, tower: VisionTower, projector: Projector, llm: Llama):
-        super().__init__()
-        self.tower, self.projector, self.llm = tower, projector, llm
+class TrainModel(LlavaRad):
+    """LlavaRad (tower, projector and decoder under one root, so that FSDP gathers every weight the
+    forward uses) with the training forward: images encoded as at inference, the loss over the labels."""
 
     def forward(self, pixels: Tensor, tokens: Tensor, image_mask: Tensor, labels: Tensor) -> Tensor:
         """pixels (B, 3, S, S); tokens, image_mask, labels (B, T) from data.collate ->
         the cross-entropy summed over the supervised tokens (normalising is the caller's job,
         since it divides by the count over all micro-batches and ranks)."""
         B, T = tokens.shape
-        with torch.no_grad():
-            feats = self.tower(pixels.to(self.tower.pos_embed.dtype))  # (B, N, C), frozen
-        image = self.projector(feats)  # (B, N, dim), the gradient starts here in the pretrain stage
+        image = self.encode_images(pixels)  # (B, N, dim); the tower is frozen, so the gradient starts at the projector
         h = self.llm.embed_tokens(tokens)  # (B, T, dim)
         h = h.masked_scatter(image_mask[..., None], image.to(h.dtype))  # the N patches into their N slots
         pos = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T); right padding keeps positions
@@ -45,6 +40,12 @@ class TrainModel(nn.Module):
         keep = targets != IGNORE_INDEX
         logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+    def train(self, mode: bool = True) -> "TrainModel":
+        """The tower stays in eval mode whatever the mode: it is frozen, only the decoder trains."""
+        super().train(mode)
+        self.tower.eval()
+        return self
 
 
 def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lora: LoRAConfig,
@@ -66,7 +67,7 @@ def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lo
 def assemble(stage: str, tower: VisionTower, projector: Projector, llm: Llama, lora: LoRAConfig) -> TrainModel:
     """Freeze the tower and the decoder, keep the projector trainable in float32, and in the lora
     stage add LoRA to the decoder (in float32 too: the optimizer's master copy)."""
-    tower.requires_grad_(False).eval()
+    tower.requires_grad_(False)
     llm.requires_grad_(False)
     projector.to(torch.float32).requires_grad_(True)
     if stage == "lora":

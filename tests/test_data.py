@@ -37,6 +37,7 @@ def test_collate_keeps_the_tokenizer_masks(world, template):
     tokenizer = world[3]
     batch = collate([ds[i] for i in range(4)])  # records 0, 2 with a reason; 1, 3 without
     assert batch["tokens"].shape[0] == 4 and batch["pixels"].shape == (4, 3, 28, 28)
+    n_supervised = 0
     for b in range(4):
         rec = ds.records[b]
         ids, labels = tokenizer.encode_plain(rec.reference) if template == "plain" else tokenizer.encode_v1(rec.question, rec.reference)
@@ -49,12 +50,14 @@ def test_collate_keeps_the_tokenizer_masks(world, template):
         assert batch["image_mask"][b].nonzero().flatten().tolist() == list(range(at, at + N_IMAGE))
         # What is supervised: the findings (+ newline) in plain, the answer (+ </s>) in v1.
         supervised = [t for t, l in zip(tokens, labels) if l != IGNORE_INDEX]
+        n_supervised += len(supervised)
         if template == "plain":
             assert supervised == tokenizer.encode_text(rec.reference + "\n")
         else:
             assert supervised == tokenizer.encode_text(" " + rec.reference + "</s>")[-len(supervised) :]
             assert tokenizer.decode(supervised) == rec.reference
     assert batch["n_real"] == sum(len(ds[i]["tokens"]) for i in range(4))
+    assert batch["n_supervised"] == n_supervised
 
 
 def test_truncation_is_reported_and_keeps_the_masks(world, capsys):
