@@ -63,6 +63,13 @@ def ours_to_hf(key: str) -> str:
     return OURS_TO_HF[t].format(i)
 
 
+def one_line(error: BaseException) -> str:
+    """'TypeName: first line of the message' (just the type when the message is empty, as an empty
+    file's EOFError is), for error messages that must stay on one line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
 def resolve_folder(name: str, what: str) -> Path:
     """A local folder, or a Hugging Face repo id downloaded when huggingface_hub is installed."""
     path = Path(name).expanduser()
@@ -81,8 +88,7 @@ def resolve_folder(name: str, what: str) -> Path:
     try:
         return Path(snapshot_download(name))
     except Exception as e:  # no such repo, gated repo, no network: one line, not a traceback
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({type(e).__name__}: {first})") from None
+        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({one_line(e)})") from None
 
 
 def load_file(path: Path) -> dict[str, Tensor]:
@@ -95,7 +101,7 @@ def load_file(path: Path) -> dict[str, Tensor]:
                 return {k: f.get_tensor(k) for k in f.keys()}
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code in it, truncated download...
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path}: cannot read checkpoint ({one_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return sd
