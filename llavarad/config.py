@@ -54,10 +54,6 @@ class LoRAConfig:
     dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
-
 
 @dataclass
 class MultimodalConfig:

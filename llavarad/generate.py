@@ -116,9 +116,9 @@ class BatchGenerator:
                 tokens[rows_t], pos[rows_t] = first, lengths
                 for r, (key, _), t in zip(rows, group, first.tolist()):
                     keys[r], outs[r] = key, [t]
-            for r in range(B):  # rows whose first token already ends them
-                if keys[r] is not None and self._finished(outs[r], max_new_tokens):
-                    yield self._release(keys, outs, r)
+                for r in rows:  # a row whose first token already ends it
+                    if self._finished(outs[r], max_new_tokens):
+                        yield self._release(keys, outs, r)
             active = [keys[r] is not None for r in range(B)]
             if not any(active):
                 if exhausted:

@@ -2,7 +2,7 @@
 
 The model works on input embeddings, not token ids, because LLaVA splices image features into
 the embedding sequence. Three ways to call it:
-  - training / uncached: `cache=False`, causal attention over the batch (optionally with a mask);
+  - training / uncached: `cache=False`, causal attention over the batch;
   - prefill: `cache=True` with positions 0..T-1 for every row; rows of different lengths are
     right-padded, so causal attention never lets a real token see a pad;
   - decode: `cache=True` with T == 1 and a per-row position. Each row writes its key/value at
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, rows: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, hd)
@@ -88,18 +88,14 @@ class Attention(nn.Module):
         if use_cache and T == 1:  # decode: attend to this row's cache slots 0..pos
             y = self._decode_attention(q, pos, rows)
         else:  # training or prefill from position 0: causal over the fresh keys
-            y = self._causal_attention(q, k, v, mask)
+            y = self._causal_attention(q, k, v)
         return self.o_proj(y.reshape(B, T, -1))
 
-    def _causal_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        if mask is None and flash_attn_func is not None and q.is_cuda:
+    def _causal_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if flash_attn_func is not None and q.is_cuda:
             return flash_attn_func(q, k, v, causal=True)  # (B, T, H, hd)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # mask (B, 1, T, T) bool, True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
         return y.transpose(1, 2)  # (B, T, H, hd)
 
     def _decode_attention(self, q: Tensor, pos: Tensor, rows: Tensor | None) -> Tensor:
@@ -141,8 +137,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, mask: Tensor | None, rows: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, pos, use_cache, mask, rows)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, rows: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, pos, use_cache, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -161,7 +157,7 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.attn.cache = KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device)
 
-    def forward(self, h: Tensor, pos: Tensor, use_cache: bool = False, mask: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, pos: Tensor, use_cache: bool = False, rows: Tensor | None = None) -> Tensor:
         """Input embeddings h (B, T, dim) at positions pos (B, T) -> final normed hidden states (B, T, dim).
         With the cache, `rows` (B,) are the cache rows the sequences live in (default 0..B-1).
 
@@ -169,5 +165,5 @@ class Llama(nn.Module):
         """
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, pos, use_cache, mask, rows)
+            h = layer(h, cos, sin, pos, use_cache, rows)
         return self.norm(h)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from llavarad.config import LlamaConfig, MultimodalConfig, read_json
-from llavarad.errors import reason
+from llavarad.errors import described
 from llavarad.llama import Llama
 from llavarad.lora import merge_lora
 from llavarad.model import LlavaRad, Projector
@@ -82,7 +82,7 @@ def resolve_folder(name: str, what: str) -> Path:
     try:
         return Path(snapshot_download(name))
     except Exception as e:  # no such repo, gated repo, no network: one line, not a traceback
-        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({type(e).__name__}: {reason(e)})") from None
+        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({described(e)})") from None
 
 
 def load_file(path: Path) -> dict[str, Tensor]:
@@ -95,7 +95,7 @@ def load_file(path: Path) -> dict[str, Tensor]:
                 return {k: f.get_tensor(k) for k in f.keys()}
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code in it, truncated download...
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {reason(e)})") from None
+        raise ValueError(f"{path}: cannot read checkpoint ({described(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return sd

@@ -108,6 +108,14 @@ def test_corrupt_adapter(tiny, capsys):
     assert code == 1 and "adapter_model.bin" in err and "cannot read checkpoint" in err
 
 
+def test_empty_checkpoint_file(tiny, capsys):
+    """An interrupted download leaves an empty file; torch.load then raises an EOFError with no message."""
+    base, release, image = tiny
+    (release / "adapter_model.bin").write_bytes(b"")
+    code, err = run(capsys, image, release, base)
+    assert code == 1 and "adapter_model.bin" in err and "cannot read checkpoint (EOFError)" in err
+
+
 def test_checkpoint_with_code_is_refused(tiny, capsys):
     """A pickle that would run code on load is refused by weights_only=True."""
     base, release, image = tiny
