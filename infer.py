@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llavarad.dist import close_distributed, init_distributed, print0
-from llavarad.engine import run_queries
+from llavarad.batch_infer import run_queries
 from llavarad.images import load_image
 from llavarad.pipeline import describe
 from llavarad.records import LOADERS, load_records

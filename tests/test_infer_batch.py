@@ -8,7 +8,7 @@ import torch
 from _infer_fixtures import REASONS, read_jsonl, shared_tiny_release, write_annotation, write_corrupt, write_images, write_jsonl
 
 import infer
-from llavarad.engine import merge_results, run_queries
+from llavarad.batch_infer import merge_results, run_queries
 from llavarad.images import load_image
 from llavarad.pipeline import describe
 from llavarad.records import load_records
