@@ -4,8 +4,9 @@ A failed study must never vanish silently: a record with an `error` field or wit
 is counted and scored as an empty prediction, or dropped when asked, and reported either way.
 """
 
-import json
 from dataclasses import dataclass, field
+
+from llavarad.jsonl import read_jsonl
 
 
 @dataclass
@@ -20,21 +21,8 @@ class Predictions:
 
 
 def read_predictions(path: str, skip_errors: bool = False) -> Predictions:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: predictions file not found") from None
     out = Predictions([], [], [], [], [], dropped=skip_errors)
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prediction' and 'reference'")
+    for lineno, rec in read_jsonl(path):
         if not isinstance(rec.get("reference"), str):
             what = "missing key 'reference'" if "reference" not in rec else "'reference' is not a string"
             raise ValueError(f"{path}:{lineno}: {what}")

@@ -1,0 +1,74 @@
+"""The one JSON-lines reader: query files, predictions files and our own resumable output.
+
+Rules, the same for every file:
+  - the file is UTF-8; a line that is not is an error naming the line;
+  - blank lines are skipped;
+  - every other line is one JSON object, or the file is refused at that line;
+  - a complete last line counts whether or not it ends with a newline;
+  - only in a file that we append to ourselves (`resumable=True`) may the last line be torn: a
+    line without its newline that begins a JSON object ("{") but does not parse is what a kill
+    mid-write leaves, and is dropped. Anything else there (a `notes.txt`) is refused like any
+    file that is not JSON lines, so an output path that names someone's file is never overwritten.
+Lines are split at b"\\n" only: JSON escapes every newline inside a string, while str.splitlines
+would also split at U+2028 and friends, which a writer may leave raw inside a string.
+"""
+
+import json
+from pathlib import Path
+
+
+def _decode(data: bytes, path: Path, first_line: int = 1) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: is a folder, not a file" if path.is_dir() else f"{path}: file not found")
+    return path.read_bytes()
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 file (a JSON annotation file); a byte that is not UTF-8 is an error naming its line."""
+    return _decode(_read_bytes(Path(path)), Path(path))
+
+
+def read_jsonl(path: str | Path, resumable: bool = False) -> list[tuple[int, dict]]:
+    """(line number, object) for every record of a JSON-lines file, by the rules above."""
+    path = Path(path)
+    lines = _read_bytes(path).split(b"\n")  # the last item is b"" when the file ends with a newline
+    out = []
+    for n, raw in enumerate(lines, start=1):
+        line = _decode(raw, path, n)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            if resumable and n == len(lines) and line.lstrip().startswith("{"):
+                continue  # torn by a kill mid-write; the writer cuts it (end_at_line) before appending
+            raise ValueError(f"{path}:{n}: not valid JSON (line {n} is not valid JSON: {e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        out.append((n, obj))
+    return out
+
+
+def end_at_line(path: Path) -> None:
+    """Before appending to a file read with `resumable=True`: a complete last line gets its newline,
+    a torn one is cut, so the next record starts on a line of its own and nothing complete is lost."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:  # torn (read_jsonl has refused every other kind of bad last line)
+        with open(path, "r+b") as f:
+            f.truncate(start)
+        return
+    with open(path, "ab") as f:
+        f.write(b"\n")

@@ -1,0 +1,75 @@
+"""One JSON-lines reader with one set of rules for the query file, the resumable predictions output
+and evaluate.py's input (issue 9.8); files that are not UTF-8 are named with the line (issue 10.14)."""
+
+import json
+
+import pytest
+
+from llavarad.batch_infer import read_results
+from llavarad.jsonl import end_at_line, read_jsonl
+from llavarad.metrics.inputs import read_predictions
+from llavarad.records import load_records
+
+ROWS = [
+    {"id": "a", "image": "a.png", "reason": "Cough.\u2028Fever.", "reference": "Clear.", "prediction": "Clear."},
+    {"id": 2, "image": "b.png", "reference": "Small effusion.", "prediction": "Effusion."},
+]
+
+
+def readers(path):
+    """What each caller makes of a file, reduced to the ids it found."""
+    return {
+        "query file": [r.id for r in load_records(path)],
+        "predictions output": [r["id"] for r in read_results(path)],
+        "evaluate input": read_predictions(str(path)).ids,
+    }
+
+
+def test_every_reader_reads_the_same_records(tmp_path):
+    path = tmp_path / "x.jsonl"
+    # a raw U+2028 inside a string (json.dumps(ensure_ascii=False) writes it), a blank line, and a
+    # complete last line without its newline: every caller reads the same two records
+    path.write_text(json.dumps(ROWS[0], ensure_ascii=False) + "\n\n" + json.dumps(ROWS[1]), encoding="utf-8")
+    assert readers(path) == dict.fromkeys(["query file", "predictions output", "evaluate input"], ["a", 2])
+
+
+@pytest.mark.parametrize("read", [load_records, read_results, lambda p: read_predictions(str(p))])
+def test_every_reader_names_the_line_that_is_not_utf8(tmp_path, read):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(json.dumps(ROWS[1]).encode() + b"\n" + json.dumps(ROWS[0]).encode()[:-2] + b"\xff\"}\n")
+    with pytest.raises(ValueError, match=f"^{path}:2: not UTF-8 text \\(byte 0xff\\)$"):
+        read(path)
+
+
+@pytest.mark.parametrize("read", [load_records, read_results, lambda p: read_predictions(str(p))])
+def test_every_reader_refuses_a_line_that_is_not_an_object(tmp_path, read):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(ROWS[1]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=f"^{path}:2: expected a JSON object, got list$"):
+        read(path)
+
+
+def test_torn_last_line(tmp_path):
+    """Only our own output may end in a torn line (a kill mid-write), and only one that begins a JSON
+    object; a query file or an evaluation input with one is refused."""
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(ROWS[1]) + '\n{"id": "a", "que')
+    assert [n for n, _ in read_jsonl(path, resumable=True)] == [1]
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
+        read_jsonl(path)
+    path.write_text(json.dumps(ROWS[1]) + "\nmy notes")
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
+        read_jsonl(path, resumable=True)
+
+
+def test_end_at_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    complete = json.dumps(ROWS[1])
+    path.write_text(complete + "\n" + complete)  # a complete last line keeps its record
+    end_at_line(path)
+    assert path.read_text() == complete + "\n" + complete + "\n"
+    path.write_text(complete + '\n{"id": "a", "que')  # a torn one is cut
+    end_at_line(path)
+    assert path.read_text() == complete + "\n"
+    end_at_line(path)
+    assert path.read_text() == complete + "\n"
