@@ -13,42 +13,42 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llavarad.tokenizer import IMAGE_TOKEN, build_question
+from llavarad.jsonl import read_jsonl, read_text
+from llavarad.tokenizer import IMAGE_TOKEN, human_turn
 
 LOADERS = ("default", "mimic_train_findings", "mimic_test_findings")
 
 
 @dataclass
 class Record:
-    id: str
+    id: str | int  # as the file has it: 1 and "1" are different ids, and each is written back as it came
     image: str  # path relative to the image folder
-    question: str  # the human turn without the image token
+    query: str  # the human turn, unstripped, as the official prediction files record it
     reference: str | None  # the findings, when the record has them
 
     @property
-    def query(self) -> str:
-        """The human turn as the official prediction files record it."""
-        return f"{IMAGE_TOKEN}\n{self.question}"
+    def question(self) -> str:
+        """What the prompt holds: the human turn without the image token, stripped (as the official code)."""
+        return self.query.replace(IMAGE_TOKEN, "").strip()
 
 
 def load_records(path: str | Path, loader: str = "default") -> list[Record]:
+    """Every record of a query file, its fields' types checked, so a bad file fails before a model loads."""
     path = Path(path)
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; choose from {', '.join(LOADERS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
     if path.suffix == ".jsonl":
-        return [_from_jsonl(path, i, d) for i, d in _read_jsonl(path)]
+        return [_from_jsonl(d, f"{path}: line {n}") for n, d in read_jsonl(path)]
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records")
     records = []
     for i, d in enumerate(data):
         try:
-            rec = _from_annotation(d, loader)
+            rec = _from_annotation(d, loader, f"{path}: record {i}")
         except (KeyError, IndexError, TypeError) as e:
             raise ValueError(f"{path}: record {i} has no field {e.args[0]!r}" if isinstance(e, KeyError) else f"{path}: record {i} is malformed ({e})") from None
         if rec is not None:
@@ -56,29 +56,33 @@ def load_records(path: str | Path, loader: str = "default") -> list[Record]:
     return records
 
 
-def _from_annotation(d: dict, loader: str) -> Record | None:
+def _from_annotation(d: dict, loader: str, where: str) -> Record | None:
     human, findings = d["conversations"][0]["value"], d["conversations"][1]["value"]
+    _check(where, {"id": d["id"], "image": d["image"], "conversations[0].value": human})
     if loader == "default":
-        return Record(str(d["id"]), d["image"], human.replace(IMAGE_TOKEN, "").strip(), findings)
+        _check(where, {"conversations[1].value": findings}, optional=True)
+        return Record(d["id"], d["image"], human, findings)
     if loader == "mimic_test_findings" and d["generate_method"] != "rule-based":
         return None
     if not isinstance(findings, str) or d["view"] not in ("AP", "PA"):
         return None
-    return Record(str(d["id"]), d["image"].removeprefix("mimic/"), build_question(d["reason"]), findings)
+    _check(where, {"reason": d["reason"]}, optional=True)
+    return Record(d["id"], d["image"].removeprefix("mimic/"), human_turn(d["reason"]), findings)
 
 
-def _read_jsonl(path: Path):
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-
-
-def _from_jsonl(path: Path, line: int, d: dict) -> Record:
+def _from_jsonl(d: dict, where: str) -> Record:
     for key in ("id", "image"):
-        if not isinstance(d, dict) or key not in d:
-            raise ValueError(f"{path}: line {line} has no {key!r}")
-    return Record(str(d["id"]), d["image"], build_question(d.get("reason")), d.get("reference"))
+        if key not in d:
+            raise ValueError(f"{where} has no {key!r}")
+    _check(where, {"id": d["id"], "image": d["image"]})
+    _check(where, {"reason": d.get("reason"), "reference": d.get("reference")}, optional=True)
+    return Record(d["id"], d["image"], human_turn(d.get("reason")), d.get("reference"))
+
+
+def _check(where: str, fields: dict[str, object], optional: bool = False) -> None:
+    """Each field is text (the id may also be an integer; with optional=True, null is allowed too)."""
+    for name, value in fields.items():
+        ok = isinstance(value, str) or (name == "id" and isinstance(value, int) and not isinstance(value, bool))
+        if not ok and not (optional and value is None):
+            kinds = "a string or an integer" if name == "id" else "a string" + (" or null" if optional else "")
+            raise ValueError(f"{where}: {name!r} must be {kinds}, got {json.dumps(value)}")

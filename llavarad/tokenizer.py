@@ -31,18 +31,22 @@ _EOS_TEXT = "</s>"  # Vicuna v1 ends every answer with this literal text (sep2)
 _SPECIAL_TEXT = re.compile("(<unk>|<s>|</s>)")
 
 
-def build_question(reason: str | None) -> str:
-    """The MIMIC loaders' question for a reason for exam (None = no reason).
+def human_turn(reason: str | None) -> str:
+    """The MIMIC loaders' human turn for a reason for exam (None = no reason): "<image>\n" + the
+    question, unstripped, as the official prediction files record it in `query`.
 
     As in the official loader, only None selects the no-reason question: an empty reason gives
-    "...indication:". Both the training and evaluation paths then delete "<image>" from the text
-    and strip it, so the question is returned stripped.
+    "...indication: ".
     """
     if reason is None:
-        question = QUESTION
-    else:
-        question = QUESTION_WITH_REASON.format(reason=reason.replace("\n", " "))
-    return question.replace(IMAGE_TOKEN, "").strip()
+        return IMAGE_TOKEN + "\n" + QUESTION
+    return IMAGE_TOKEN + "\n" + QUESTION_WITH_REASON.format(reason=reason.replace("\n", " "))
+
+
+def build_question(reason: str | None) -> str:
+    """The question the prompt holds: both the training and evaluation paths delete "<image>" from
+    the human turn and strip it."""
+    return human_turn(reason).replace(IMAGE_TOKEN, "").strip()
 
 
 def build_prompt(question: str) -> str:

@@ -56,7 +56,7 @@ def test_jsonl(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text('{"id": 1, "image": "a.png", "reason": "Chest pain."}\n\n{"id": "b", "image": "b.png"}\n')
     recs = load_records(path)
-    assert [(r.id, r.question, r.reference) for r in recs] == [("1", WITH_REASON + "Chest pain.", None), ("b", NO_REASON, None)]
+    assert [(r.id, r.question, r.reference) for r in recs] == [(1, WITH_REASON + "Chest pain.", None), ("b", NO_REASON, None)]  # ids keep their JSON type (issue 10.18)
 
 
 @pytest.mark.parametrize("text, message", [
