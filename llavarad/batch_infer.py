@@ -3,8 +3,9 @@
 How a run goes (`run_queries`):
   1. ids that already have a prediction in the output (or in part files a killed multi-process run
      left) are skipped; each rank takes every world-th remaining record, in query order;
-  2. prompts are tokenized and sorted longest first (similar lengths prefill together; the
-     largest batch comes first, so running out of memory shows at once);
+  2. prompts are tokenized; one that does not fit the decoder's context with max_new_tokens
+     becomes an `error` record; the others are sorted longest first (similar lengths prefill
+     together; the largest batch comes first, so running out of memory shows at once);
   3. DataLoader workers read and preprocess the images while the GPU generates; an unreadable
      image becomes an `error` record and the run goes on;
   4. BatchGenerator keeps `batch_size` rows busy, refilling each finished row with the next prompt;
@@ -28,7 +29,9 @@ from tqdm import tqdm
 from llavarad.dist import barrier, sum_across_ranks
 from llavarad.generate import BatchGenerator
 from llavarad.images import load_image, preprocess
+from llavarad.jsonl import end_at_line, read_jsonl
 from llavarad.model import LlavaRad
+from llavarad.pipeline import context_overflow
 from llavarad.records import Record
 from llavarad.tokenizer import Tokenizer, build_prompt
 
@@ -37,7 +40,7 @@ from llavarad.tokenizer import Tokenizer, build_prompt
 class Summary:
     predicted: int  # reports written by this run (all ranks)
     skipped: int  # records that already had a prediction
-    failed: int  # records whose image could not be read (all ranks)
+    failed: int  # records written as an `error` (unreadable image, prompt over the context; all ranks)
     seconds: float
 
 
@@ -72,44 +75,35 @@ def part_files(output: Path) -> list[Path]:
 
 
 def read_results(path: Path) -> list[dict]:
-    """The records of a predictions file; a truncated last line (a kill mid-write) is ignored."""
+    """The records of a predictions file we append to (a torn last line, a kill mid-write, is dropped)."""
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                continue
-            raise ValueError(f"{path}: line {n} is not valid JSON (not a predictions file?)") from None
-        if not isinstance(rec, dict) or "id" not in rec:
-            raise ValueError(f"{path}: line {n} has no 'id' (not a predictions file?)")
-        out.append(rec)
-    return out
+    results = read_jsonl(path, resumable=True)
+    for n, rec in results:
+        if not _is_id(rec.get("id")):
+            raise ValueError(f"{path}:{n}: no 'id' (a string or an integer); not a predictions file?")
+    return [rec for _, rec in results]
 
 
-def predicted_ids(output: Path) -> set[str]:
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def predicted_ids(output: Path) -> set[str | int]:
     """Ids that already have a prediction; failed ones (an `error` record) are tried again."""
-    return {str(r["id"]) for p in [output, *part_files(output)] for r in read_results(p) if "prediction" in r}
+    return {r["id"] for p in [output, *part_files(output)] for r in read_results(p) if "prediction" in r}
 
 
 class ResultWriter:
-    """Appends one JSON line per report and flushes it, after cutting a partial last line."""
+    """Appends one JSON line per report and flushes it, after ending the file at a line boundary."""
 
     def __init__(self, path: Path):
         if path.is_dir():
             raise ValueError(f"{path}: is a folder, expected a predictions file")
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-        self.file = open(path, "a")
+            end_at_line(path)
+        self.file = open(path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
         self.file.write(json.dumps(rec) + "\n")
@@ -119,31 +113,28 @@ class ResultWriter:
         self.file.close()
 
 
-def merge_results(output: Path, order: list[str]) -> None:
+def merge_results(output: Path, order: list[str | int]) -> None:
     """Rewrite the output from itself and the part files: one line per id (a prediction beats an
     error), the query's ids in query order, then any other ids the file held; parts are removed."""
     parts = part_files(output)
-    best: dict[str, dict] = {}
+    best: dict[str | int, dict] = {}
     for path in [output, *parts]:
         for rec in read_results(path):
-            key = str(rec["id"])
+            key = rec["id"]
             if "prediction" in rec or "prediction" not in best.get(key, {}):
                 best[key] = rec
     known = set(order)
     lines = [best[i] for i in order if i in best] + [r for i, r in best.items() if i not in known]
     tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
     tmp.replace(output)
     for p in parts:
         p.unlink()
 
 
 def _result(rec: Record, **fields: str) -> dict:
-    """The official prediction-file record: id, query, reference (when known), then the outcome."""
-    out = {"id": rec.id, "query": rec.query}
-    if rec.reference is not None:
-        out["reference"] = rec.reference
-    return {**out, **fields}
+    """The official prediction-file record: id, query, reference (null when unknown), then the outcome."""
+    return {"id": rec.id, "query": rec.query, "reference": rec.reference, **fields}
 
 
 @torch.no_grad()
@@ -157,7 +148,7 @@ def run_queries(
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"query id {dup!r} appears more than once; ids must be unique to resume a run")
+        raise ValueError(f"query id {json.dumps(dup)} appears more than once; ids must be unique to resume a run")
     done = predicted_ids(output)
     todo = [r for r in records if r.id not in done]
     mine = todo[rank::world]
@@ -165,17 +156,31 @@ def run_queries(
 
     prompts = [tokenizer.encode_prompt(build_prompt(r.question)) for r in mine]
     n_patches = model.tower.num_patches
-    order = sorted(range(len(mine)), key=lambda j: -len(prompts[j]))  # longest first, stable
-    mine, prompts = [mine[j] for j in order], [prompts[j] for j in order]
     device = model.llm.lm_head.weight.device
     writer = ResultWriter(part_path(output, rank, world))
     bar = tqdm(total=len(mine), unit=" reports", desc=f"rank 0 of {world}" if world > 1 else None,
                disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
     failed = predicted = 0
 
+    def fail(rec: Record, error: str) -> None:
+        """An error record in place of the report; the run goes on."""
+        nonlocal failed
+        tqdm.write(f"error: {error}", file=sys.stderr)
+        writer.write(_result(rec, error=error))
+        failed += 1
+        bar.update()
+
+    fits = []
+    for rec, prompt in zip(mine, prompts):
+        if problem := context_overflow(model, prompt, max_new_tokens):
+            fail(rec, f"query {json.dumps(rec.id)}: {problem}")
+        else:
+            fits.append((rec, prompt))
+    fits.sort(key=lambda pair: -len(pair[1]))  # longest first, stable
+    mine, prompts = [rec for rec, _ in fits], [ids for _, ids in fits]
+
     def embedded_prompts():
         """(index, prompt embeddings (T, dim)), one DataLoader batch of images at a time."""
-        nonlocal failed
         paths = [folder / r.image for r in mine]
         loader = DataLoader(ImageFiles(paths, model.tower.cfg.image_size), batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
         for chunk in loader:
@@ -183,11 +188,8 @@ def run_queries(
             for i, pixels, error in chunk:
                 if error is None:
                     good.append((i, pixels))
-                    continue
-                tqdm.write(f"error: {error}", file=sys.stderr)
-                writer.write(_result(mine[i], error=error))
-                failed += 1
-                bar.update()
+                else:
+                    fail(mine[i], error)
             if not good:
                 continue
             feats = model.encode_images(torch.stack([p for _, p in good]).to(device))  # (k, N, dim)
