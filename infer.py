@@ -6,44 +6,57 @@
 
 One image: stdout carries only the findings text. A query file (the PhysioNet LLaVA-Rad annotation
 JSON or a JSONL of {"id", "image", "reason"?, "reference"?}): one JSON line per query in --output
-({"id", "query", "reference", "prediction"}, or "error" for an unreadable image), appended as
-reports finish; rerunning the same command skips the ids already predicted. Logs go to stderr.
+({"id", "query", "reference", "prediction"}, or "error" for an unreadable image or a prompt over
+the decoder's context), appended as reports finish; rerunning the same command skips the ids
+already predicted. Logs go to stderr.
+
+Exit codes: 0 done; 1 bad input (one "error: ..." line); 2 bad arguments; 3 (query file) the run
+finished but some records failed: their "error" records are in --output, a rerun retries them.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from llavarad.batch_infer import predicted_ids, run_queries
 from llavarad.dist import close_distributed, init_distributed, print0
-from llavarad.batch_infer import run_queries
 from llavarad.images import load_image
 from llavarad.pipeline import describe
 from llavarad.records import LOADERS, load_records
 from llavarad.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FAILED_RECORDS = 3  # exit code of a batch run that wrote an error record for some query
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", nargs="?", help="one chest X-ray: PNG, JPEG, DICOM (.dcm) or any image PIL reads")
     p.add_argument("--reason", help="reason for exam (indication); omitted -> the no-reason prompt")
-    p.add_argument("--model", default="microsoft/llava-rad", help="release folder or Hugging Face repo id")
-    p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--device", help="default: cuda (this rank's GPU under torchrun) when available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--model", default="microsoft/llava-rad", help="release folder or Hugging Face repo id (default: %(default)s)")
+    p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id (default: %(default)s)")
+    p.add_argument("--tower", help="folder with the tower files (biomedclipcxr_518.json, biomedclipcxr_518_checkpoint.pt), "
+                                   "looked in after the release folder and the paths its config.json gives (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, this rank's GPU under torchrun, when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: bfloat16 on GPU, float32 on CPU)")
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
     q.add_argument("--image-folder", help="root of the records' image paths (default: the query file's folder)")
     q.add_argument("--loader", choices=LOADERS, default="default", help="record filter and prompt (default: %(default)s)")
     q.add_argument("--output", help="predictions JSONL (required with --query-file)")
-    q.add_argument("--batch-size", type=int, default=32, help="reports generated at once per process")
-    q.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers per process")
-    q.add_argument("--limit", type=int, help="only the first N records of the query file")
+    q.add_argument("--batch-size", type=int, default=32, help="reports generated at once per process (default: %(default)s)")
+    q.add_argument("--workers", type=int, default=min(4, available_cpus()),
+                   help="image-decoding DataLoader workers per process (default: %(default)s, at most the CPUs here)")
+    q.add_argument("--limit", type=int, help="only the first N records of the query file (default: all)")
     q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help="replay the decode step as a CUDA graph (default: on with CUDA)")
     q.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start; measure before relying on it)")
@@ -54,7 +67,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--query-file needs --output")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
+    if args.workers < 0 or (args.limit is not None and args.limit < 0):
+        p.error("--workers and --limit must be at least 0")
+    if args.reason is not None and (problem := utf8_problem(args.reason)):
+        p.error(f"--reason {problem}")
+    if args.device is not None and (problem := device_problem(args.device)):
+        p.error(f"--device {args.device}: {problem}")
     return args
+
+
+def utf8_problem(text: str) -> str | None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates (U+DC80-U+DCFF)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not UTF-8 text (byte {ord(text[e.start]) - 0xDC00:#04x} at character {e.start})"
+    return None
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` cannot run the model here, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return "not a device name (cpu, cuda, cuda:N or mps)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available here"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            return "MPS is not available here"
+    elif device.type != "cpu":
+        return "not supported (cpu, cuda, cuda:N or mps)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     t0 = time.time()
-    model, tokenizer = load_llavarad(args.model, args.base, dtype, device)
+    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, tower=args.tower)
     print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
     return model, tokenizer
 
 
 def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> int:
     records = load_records(args.query_file, args.loader)[: args.limit]  # fail on a bad query file first
+    predicted_ids(Path(args.output))  # and on an output that is not a predictions file
     folder = Path(args.image_folder) if args.image_folder else Path(args.query_file).parent
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
     model, tokenizer = load(args, device, dtype)
@@ -99,6 +147,10 @@ def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     rate = s.predicted / s.seconds if s.seconds else 0.0
     print0(f"done: {s.predicted} predicted, {s.skipped} skipped (already in {args.output}), {s.failed} failed; "
            f"{s.seconds:.1f}s ({rate:.2f} reports/s)", file=sys.stderr)
+    if s.failed:
+        print0(f"error: {s.failed} records failed; their error records are in {args.output}, and a rerun retries them "
+               f"(exit code {FAILED_RECORDS})", file=sys.stderr)
+        return FAILED_RECORDS
     return 0
 
 

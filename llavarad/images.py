@@ -86,10 +86,12 @@ def load_image(path: str) -> Image.Image:
       4. histogram equalization, exactly as OpenCV's cv2.equalizeHist.
       (MIMIC-CXR-JPG then saved JPEG at quality 95; that lossy step is not reproduced.)
       Only single-frame grayscale DICOMs are accepted.
-    Raises FileNotFoundError for a missing file and ValueError("<path>: cannot read image (...)")
-    for anything that is not a readable image.
+    Raises FileNotFoundError for a missing file and ValueError for a folder or ("<path>: cannot read
+    image (...)") anything that is not a readable image.
     """
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{path}: is a folder, expected an image file")
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if _is_dicom(file):
