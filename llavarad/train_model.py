@@ -18,8 +18,8 @@ from llavarad.llama import Llama
 from llavarad.lora import apply_lora
 from llavarad.model import LlavaRad, Projector
 from llavarad.tokenizer import IGNORE_INDEX
-from llavarad.vision import VisionTower, load_tower
-from llavarad.weights import TOWER_CKPT, TOWER_JSON, load_llm, load_projector, resolve_folder
+from llavarad.vision import VisionTower
+from llavarad.weights import load_llm, load_projector, load_tower, locate_tower, resolve_folder
 
 
 class TrainModel(LlavaRad):
@@ -53,7 +53,7 @@ def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lo
     """Load the base decoder, the tower and (lora stage) the pretrained projector; see `assemble`.
     Seed torch before: the new projector / LoRA weights are drawn here, and every rank must draw the same."""
     llm = load_llm(resolve_folder(base, "base model"), {}, 1.0, dtype, device)
-    tower = load_tower(*tower_files(tower_dir)).to(device=device, dtype=dtype)
+    tower = load_tower(*map(str, locate_tower(tower=tower_dir))).to(device=device, dtype=dtype)
     if projector is None:
         proj = Projector(tower.cfg.width, llm.cfg.dim)
     else:
@@ -77,16 +77,6 @@ def assemble(stage: str, tower: VisionTower, projector: Projector, llm: Llama, l
                 if hasattr(module, name):
                     setattr(module, name, nn.Parameter(getattr(module, name).detach().float()))
     return TrainModel(tower, projector, llm)
-
-
-def tower_files(folder: str) -> tuple[str, str]:
-    """The BiomedCLIP-CXR json + checkpoint in `folder` (the release folder has them)."""
-    path = Path(folder)
-    files = (path / TOWER_JSON, path / TOWER_CKPT)
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{path}: no {f.name} (--tower takes the folder with {TOWER_JSON} and {TOWER_CKPT})")
-    return str(files[0]), str(files[1])
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

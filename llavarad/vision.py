@@ -3,21 +3,16 @@
 LLaVA-Rad runs the whole ViT, keeps every block's output and uses hidden_states[-2] (the output of
 block 10 of 12) without the CLS token. The final `norm` is never applied and the blocks after the
 selected one never matter, so this module builds only the blocks up to the selected one. Parameter
-names are timm's, so the open_clip checkpoint's `visual.trunk.*` tensors load without a key map.
+names are timm's, so the open_clip checkpoint's `visual.trunk.*` tensors load without a key map
+(`weights.load_tower` reads and checks them).
 """
 
-import json
-import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-
-from llavarad.errors import reason
 
 
 @dataclass
@@ -128,123 +123,3 @@ class VisionTower(nn.Module):
         for block in self.blocks:
             x = block(x)  # (B, 1 + N, C)
         return x[:, 1:]  # (B, N, C)
-
-
-TRUNK_PREFIX = "visual.trunk."
-_BLOCK_KEY = re.compile(r"blocks\.(\d+)\..+")
-
-
-def _trunk_state_dict(checkpoint: object, path: str) -> dict[str, Tensor]:
-    """The timm trunk tensors of an open_clip checkpoint, keyed by timm name.
-
-    Accepts an open_clip training checkpoint {"state_dict": {"module.visual.trunk.<k>": ...}, ...}
-    (the release), the same without "module." (not trained with DDP), or the bare state dict.
-    """
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        kind = type(checkpoint).__name__
-        raise ValueError(f"{path}: expected an open_clip checkpoint (a dict of tensors), got a {kind}")
-    trunk = {}
-    for key, value in state.items():
-        name = key.removeprefix("module.")
-        if name.startswith(TRUNK_PREFIX):
-            if not isinstance(value, Tensor):
-                raise ValueError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
-            trunk[name.removeprefix(TRUNK_PREFIX)] = value
-    if not trunk:
-        raise ValueError(f"{path}: no {TRUNK_PREFIX}* tensors (is this an open_clip checkpoint of BiomedCLIP-CXR?)")
-    return trunk
-
-
-def _require(trunk: dict[str, Tensor], name: str, ndim: int, path: str) -> Tensor:
-    if name not in trunk:
-        raise ValueError(f"{path}: missing tensor {TRUNK_PREFIX}{name}")
-    if trunk[name].ndim != ndim:
-        raise ValueError(f"{path}: {TRUNK_PREFIX}{name} has shape {tuple(trunk[name].shape)}, expected {ndim} dims")
-    return trunk[name]
-
-
-def _config_from_tensors(
-    trunk: dict[str, Tensor], head_width: int, image_size: int, names: tuple[str, str]
-) -> VisionConfig:
-    """Reads the architecture off the tensor shapes; the json only supplies head width and image size."""
-    json_path, ckpt_path = names
-    width, _, patch, _ = _require(trunk, "patch_embed.proj.weight", 4, ckpt_path).shape
-    n_pos = _require(trunk, "pos_embed", 3, ckpt_path).shape[1]
-    grid = math.isqrt(n_pos - 1)
-    if grid * grid != n_pos - 1:
-        raise ValueError(f"{ckpt_path}: pos_embed has {n_pos} positions, not 1 CLS + a square grid of patches")
-    if grid * patch != image_size:
-        raise ValueError(
-            f"{json_path}: image_size {image_size} does not match {ckpt_path}, whose pos_embed covers a "
-            f"{grid}x{grid} grid of {patch}-px patches ({grid * patch} px)"
-        )
-    if head_width <= 0 or width % head_width:
-        raise ValueError(f"{json_path}: head_width {head_width} does not divide the tower width {width}")
-    indices = {int(m.group(1)) for m in map(_BLOCK_KEY.fullmatch, trunk) if m}
-    if not indices:
-        raise ValueError(f"{ckpt_path}: no {TRUNK_PREFIX}blocks.* tensors")
-    mlp_hidden = _require(trunk, "blocks.0.mlp.fc1.weight", 2, ckpt_path).shape[0]
-    return VisionConfig(
-        image_size=image_size, patch_size=patch, width=width, depth=max(indices) + 1,
-        heads=width // head_width, mlp_hidden=mlp_hidden,
-    )
-
-
-def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> VisionTower:
-    """Builds the tower from the open_clip model json and checkpoint of the release, frozen, in eval mode.
-
-    The architecture comes from the tensors (patch size and width from patch_embed, depth from the
-    block indices, image size from pos_embed, cross-checked with the json's image_size, MLP width from
-    fc1); heads = width // vision_cfg.head_width (open_clip's default 64). Blocks after the selected
-    one and the final norm are skipped. Parameters keep the checkpoint's dtype.
-    """
-    for path in (json_path, checkpoint_path):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
-    try:
-        model_cfg = json.loads(Path(json_path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{json_path}: not a valid open_clip model json ({e})") from None
-    vision_cfg = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
-    if not isinstance(vision_cfg, dict) or "image_size" not in vision_cfg:
-        raise ValueError(f"{json_path}: no vision_cfg.image_size (is this an open_clip model json?)")
-    image_size = vision_cfg["image_size"]
-    if isinstance(image_size, list) and len(image_size) == 2 and image_size[0] == image_size[1]:
-        image_size = image_size[0]  # open_clip also accepts [h, w]
-    head_width = vision_cfg.get("head_width", 64)  # open_clip's default; the release leaves it out
-    if not isinstance(image_size, int) or not isinstance(head_width, int):
-        raise ValueError(
-            f"{json_path}: vision_cfg.image_size and head_width must be integers, got {image_size!r}, {head_width!r}"
-        )
-    model_name = vision_cfg.get("timm_model_name", "an unnamed timm model")
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types, all meaning "not a loadable checkpoint"
-        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({reason(e)})") from None
-    trunk = _trunk_state_dict(checkpoint, checkpoint_path)
-    del checkpoint  # the text tower and optimizer state are not needed
-    cfg = _config_from_tensors(trunk, head_width, image_size, (json_path, checkpoint_path))
-
-    with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
-        tower = VisionTower(cfg, select_layer)
-        block_params = set(Block(cfg).state_dict())
-    expected = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
-    unused = {"norm.weight", "norm.bias"}  # the final norm, never applied by LLaVA-Rad
-    unused |= {f"blocks.{i}.{p}" for i in range(len(tower.blocks), cfg.depth) for p in block_params}
-    for name, shape in expected.items():
-        if name not in trunk:
-            raise ValueError(f"{checkpoint_path}: missing tensor {TRUNK_PREFIX}{name} (expected shape {shape})")
-        if tuple(trunk[name].shape) != shape:
-            raise ValueError(
-                f"{checkpoint_path}: {TRUNK_PREFIX}{name} has shape {tuple(trunk[name].shape)}, expected {shape} "
-                f"for {model_name} as configured by {json_path}"
-            )
-    for name in trunk:
-        if name not in expected and name not in unused:
-            raise ValueError(
-                f"{checkpoint_path}: unknown tensor {TRUNK_PREFIX}{name} {tuple(trunk[name].shape)} "
-                f"(not part of {model_name} in timm's dinov2 layout)"
-            )
-    tower.load_state_dict({k: trunk[k] for k in expected}, strict=True, assign=True)
-    return tower.eval().requires_grad_(False)

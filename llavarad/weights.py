@@ -1,9 +1,11 @@
 """Checkpoint loading: the base Llama folder, the LLaVA-Rad release folder (LoRA adapter merged at
-load, projector, vision tower), with the key mapping written out as a table.
+load, projector), the open_clip vision tower, with the key mapping written out as a table.
 
 Every unknown, missing or wrongly shaped tensor is an error naming the key, the file and the shapes.
 """
 
+import json
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -14,12 +16,12 @@ from safetensors import safe_open
 from torch import Tensor
 
 from llavarad.config import LlamaConfig, MultimodalConfig, read_json
-from llavarad.errors import described
+from llavarad.errors import described, reason
 from llavarad.llama import Llama
 from llavarad.lora import merge_lora
 from llavarad.model import LlavaRad, Projector
 from llavarad.tokenizer import Tokenizer
-from llavarad.vision import load_tower
+from llavarad.vision import Block, VisionConfig, VisionTower
 
 # Hugging Face Llama key -> our key; "{}" is the layer index.
 LLAMA_KEYS = {
@@ -40,7 +42,7 @@ LLAMA_KEYS = {
 IGNORED_KEYS = {"model.layers.{}.self_attn.rotary_emb.inv_freq"}
 OURS_TO_HF = {v: k for k, v in LLAMA_KEYS.items()}
 
-# Where the release keeps its pieces, by file name; config.json may hold paths of the training machine.
+# The tower's open_clip model json and checkpoint, as the release names them (the one definition).
 TOWER_JSON, TOWER_CKPT = "biomedclipcxr_518.json", "biomedclipcxr_518_checkpoint.pt"
 PROJECTOR_PREFIXES = ("base_model.model.", "model.", "mm_projector.")
 
@@ -199,6 +201,150 @@ def load_projector(path: Path, mm_hidden: int, dim: int) -> Projector:
     return proj
 
 
+TRUNK_PREFIX = "visual.trunk."
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\..+")
+
+
+def _trunk_state_dict(checkpoint: object, path: str) -> dict[str, Tensor]:
+    """The timm trunk tensors of an open_clip checkpoint, keyed by timm name.
+
+    Accepts an open_clip training checkpoint {"state_dict": {"module.visual.trunk.<k>": ...}, ...}
+    (the release), the same without "module." (not trained with DDP), or the bare state dict.
+    """
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        kind = type(checkpoint).__name__
+        raise ValueError(f"{path}: expected an open_clip checkpoint (a dict of tensors), got a {kind}")
+    trunk = {}
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        if name.startswith(TRUNK_PREFIX):
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+            trunk[name.removeprefix(TRUNK_PREFIX)] = value
+    if not trunk:
+        raise ValueError(f"{path}: no {TRUNK_PREFIX}* tensors (is this an open_clip checkpoint of BiomedCLIP-CXR?)")
+    return trunk
+
+
+def _require(trunk: dict[str, Tensor], name: str, ndim: int, path: str) -> Tensor:
+    if name not in trunk:
+        raise ValueError(f"{path}: missing tensor {TRUNK_PREFIX}{name}")
+    if trunk[name].ndim != ndim:
+        raise ValueError(f"{path}: {TRUNK_PREFIX}{name} has shape {tuple(trunk[name].shape)}, expected {ndim} dims")
+    return trunk[name]
+
+
+def _config_from_tensors(
+    trunk: dict[str, Tensor], head_width: int, image_size: int, names: tuple[str, str]
+) -> VisionConfig:
+    """Reads the architecture off the tensor shapes; the json only supplies head width and image size."""
+    json_path, ckpt_path = names
+    width, _, patch, _ = _require(trunk, "patch_embed.proj.weight", 4, ckpt_path).shape
+    n_pos = _require(trunk, "pos_embed", 3, ckpt_path).shape[1]
+    grid = math.isqrt(n_pos - 1)
+    if grid * grid != n_pos - 1:
+        raise ValueError(f"{ckpt_path}: pos_embed has {n_pos} positions, not 1 CLS + a square grid of patches")
+    if grid * patch != image_size:
+        raise ValueError(
+            f"{json_path}: image_size {image_size} does not match {ckpt_path}, whose pos_embed covers a "
+            f"{grid}x{grid} grid of {patch}-px patches ({grid * patch} px)"
+        )
+    if head_width <= 0 or width % head_width:
+        raise ValueError(f"{json_path}: head_width {head_width} does not divide the tower width {width}")
+    indices = {int(m.group(1)) for m in map(_BLOCK_KEY.fullmatch, trunk) if m}
+    if not indices:
+        raise ValueError(f"{ckpt_path}: no {TRUNK_PREFIX}blocks.* tensors")
+    mlp_hidden = _require(trunk, "blocks.0.mlp.fc1.weight", 2, ckpt_path).shape[0]
+    return VisionConfig(
+        image_size=image_size, patch_size=patch, width=width, depth=max(indices) + 1,
+        heads=width // head_width, mlp_hidden=mlp_hidden,
+    )
+
+
+def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> VisionTower:
+    """Builds the tower from the open_clip model json and checkpoint of the release, frozen, in eval mode.
+
+    The architecture comes from the tensors (patch size and width from patch_embed, depth from the
+    block indices, image size from pos_embed, cross-checked with the json's image_size, MLP width from
+    fc1); heads = width // vision_cfg.head_width (open_clip's default 64). Blocks after the selected
+    one and the final norm are skipped. Parameters keep the checkpoint's dtype.
+    """
+    for path in (json_path, checkpoint_path):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    try:
+        model_cfg = json.loads(Path(json_path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path}: not a valid open_clip model json ({e})") from None
+    vision_cfg = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
+    if not isinstance(vision_cfg, dict) or "image_size" not in vision_cfg:
+        raise ValueError(f"{json_path}: no vision_cfg.image_size (is this an open_clip model json?)")
+    image_size = vision_cfg["image_size"]
+    if isinstance(image_size, list) and len(image_size) == 2 and image_size[0] == image_size[1]:
+        image_size = image_size[0]  # open_clip also accepts [h, w]
+    head_width = vision_cfg.get("head_width", 64)  # open_clip's default; the release leaves it out
+    if not isinstance(image_size, int) or not isinstance(head_width, int):
+        raise ValueError(
+            f"{json_path}: vision_cfg.image_size and head_width must be integers, got {image_size!r}, {head_width!r}"
+        )
+    model_name = vision_cfg.get("timm_model_name", "an unnamed timm model")
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types, all meaning "not a loadable checkpoint"
+        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({reason(e)})") from None
+    trunk = _trunk_state_dict(checkpoint, checkpoint_path)
+    del checkpoint  # the text tower and optimizer state are not needed
+    cfg = _config_from_tensors(trunk, head_width, image_size, (json_path, checkpoint_path))
+
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the checkpoint
+        tower = VisionTower(cfg, select_layer)
+        block_params = set(Block(cfg).state_dict())
+    expected = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
+    unused = {"norm.weight", "norm.bias"}  # the final norm, never applied by LLaVA-Rad
+    unused |= {f"blocks.{i}.{p}" for i in range(len(tower.blocks), cfg.depth) for p in block_params}
+    for name, shape in expected.items():
+        if name not in trunk:
+            raise ValueError(f"{checkpoint_path}: missing tensor {TRUNK_PREFIX}{name} (expected shape {shape})")
+        if tuple(trunk[name].shape) != shape:
+            raise ValueError(
+                f"{checkpoint_path}: {TRUNK_PREFIX}{name} has shape {tuple(trunk[name].shape)}, expected {shape} "
+                f"for {model_name} as configured by {json_path}"
+            )
+    for name in trunk:
+        if name not in expected and name not in unused:
+            raise ValueError(
+                f"{checkpoint_path}: unknown tensor {TRUNK_PREFIX}{name} {tuple(trunk[name].shape)} "
+                f"(not part of {model_name} in timm's dinov2 layout)"
+            )
+    tower.load_state_dict({k: trunk[k] for k in expected}, strict=True, assign=True)
+    return tower.eval().requires_grad_(False)
+
+
+def locate_tower(release: Path | None = None, mm: MultimodalConfig | None = None, tower: str | None = None) -> tuple[Path, Path]:
+    """The tower's open_clip json and checkpoint, each looked for in this order:
+      1. in the release folder, under the file name config.json gives, then the standard name;
+      2. at the path config.json gives, as written (the official training code stores absolute paths
+         of the training machine and copies no tower file into its output), when it exists here;
+      3. in the `tower` folder (--tower), under the same names.
+    The error names every place tried."""
+    stored = (mm.mm_vision_tower_config, mm.mm_vision_tower_checkpoint) if mm else (TOWER_JSON, TOWER_CKPT)
+    found = []
+    for path, name in zip(stored, (TOWER_JSON, TOWER_CKPT)):
+        names = list(dict.fromkeys([Path(path).name, name]))  # in order, once each
+        tried = [release / n for n in names] if release else []
+        if mm:
+            tried.append(Path(path) if Path(path).is_absolute() or not release else release / path)
+        tried += [Path(tower) / n for n in names] if tower else []
+        tried = list(dict.fromkeys(tried))
+        hit = next((p for p in tried if p.is_file()), None)
+        if hit is None:
+            hint = "" if tower else f"; --tower DIR names a folder with {TOWER_JSON} and {TOWER_CKPT}"
+            raise FileNotFoundError(f"{name}: tower file not found; tried {', '.join(map(str, tried))}{hint}")
+        found.append(hit)
+    return found[0], found[1]
+
+
 def release_file(folder: Path, stored: str, default: str) -> Path:
     """A file named in config.json (maybe a path on the training machine), found in the release folder."""
     for name in (Path(stored).name, default):
@@ -207,20 +353,18 @@ def release_file(folder: Path, stored: str, default: str) -> Path:
     raise FileNotFoundError(f"{folder}: missing {Path(stored).name or default}")
 
 
-def load_llavarad(model: str, base: str, dtype: torch.dtype, device: str | torch.device) -> tuple[LlavaRad, Tokenizer]:
-    """The released model: base folder + release folder (local paths or hub ids) -> model, tokenizer."""
+def load_llavarad(model: str, base: str, dtype: torch.dtype, device: str | torch.device, tower: str | None = None) -> tuple[LlavaRad, Tokenizer]:
+    """The released model: base folder + release folder (local paths or hub ids) -> model, tokenizer.
+    `tower`: a folder with the tower files, for a release folder that has none (see locate_tower)."""
     release, base_dir = resolve_folder(model, "model"), resolve_folder(base, "base model")
     mm = MultimodalConfig.from_hf(release / "config.json")
+    tower_json, tower_ckpt = locate_tower(release, mm, tower)  # before the 7B decoder: a missing file fails fast
     adapter, scale = load_adapter(release) if (release / "adapter_config.json").is_file() else ({}, 1.0)
     llm = load_llm(base_dir, adapter, scale, dtype, device)
     projector = load_projector(release_file(release, "non_lora_trainables.bin", "mm_projector.bin"), mm.mm_hidden_size, llm.cfg.dim)
-    tower = load_tower(
-        str(release_file(release, mm.mm_vision_tower_config, TOWER_JSON)),
-        str(release_file(release, mm.mm_vision_tower_checkpoint, TOWER_CKPT)),
-        mm.mm_vision_select_layer,
-    )
-    if tower.cfg.width != mm.mm_hidden_size:
-        raise ValueError(f"{release / 'config.json'}: mm_hidden_size {mm.mm_hidden_size} but the tower width is {tower.cfg.width}")
+    vision = load_tower(str(tower_json), str(tower_ckpt), mm.mm_vision_select_layer)
+    if vision.cfg.width != mm.mm_hidden_size:
+        raise ValueError(f"{release / 'config.json'}: mm_hidden_size {mm.mm_hidden_size} but the tower width is {vision.cfg.width}")
     tokenizer = Tokenizer(str(base_dir / "tokenizer.model"))
-    model_ = LlavaRad(tower, projector, llm).to(device=device, dtype=dtype)
+    model_ = LlavaRad(vision, projector, llm).to(device=device, dtype=dtype)
     return model_.eval(), tokenizer
