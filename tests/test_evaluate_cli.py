@@ -171,3 +171,12 @@ def test_missing_weights_are_named(setup, tmp_path, capsys):
     assert "--chexbert needs --bert-vocab" in capsys.readouterr().err
     assert evaluate.main([preds, "--radgraph", str(lonely)]) == 1
     assert "--radgraph needs --radgraph-vocab" in capsys.readouterr().err
+
+
+def test_says_which_files_it_wrote(setup, capsys):
+    """Without CheXbert no breakdown is written, and the last line does not claim one (issue 10.16)."""
+    d = setup[0]
+    out = d / "out_no_chexbert"
+    assert evaluate.main([str(d / "preds.jsonl"), "--bootstrap", "0", "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["main.csv", "metrics.json", "per_report.jsonl"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"Wrote metrics.json, main.csv, per_report.jsonl to {out}"
