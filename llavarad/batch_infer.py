@@ -32,7 +32,7 @@ from llavarad.images import load_image, preprocess
 from llavarad.jsonl import end_at_line, read_jsonl
 from llavarad.model import LlavaRad
 from llavarad.pipeline import context_overflow
-from llavarad.records import Record
+from llavarad.records import Record, is_id
 from llavarad.tokenizer import Tokenizer, build_prompt
 
 
@@ -80,13 +80,9 @@ def read_results(path: Path) -> list[dict]:
         return []
     results = read_jsonl(path, resumable=True)
     for n, rec in results:
-        if not _is_id(rec.get("id")):
+        if not is_id(rec.get("id")):
             raise ValueError(f"{path}:{n}: no 'id' (a string or an integer); not a predictions file?")
     return [rec for _, rec in results]
-
-
-def _is_id(value: object) -> bool:
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def predicted_ids(output: Path) -> set[str | int]:

@@ -79,10 +79,15 @@ def _from_jsonl(d: dict, where: str) -> Record:
     return Record(d["id"], d["image"], human_turn(d.get("reason")), d.get("reference"))
 
 
+def is_id(value: object) -> bool:
+    """A query id is a JSON string or integer (true is no id, though Python's bool is an int)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def _check(where: str, fields: dict[str, object], optional: bool = False) -> None:
     """Each field is text (the id may also be an integer; with optional=True, null is allowed too)."""
     for name, value in fields.items():
-        ok = isinstance(value, str) or (name == "id" and isinstance(value, int) and not isinstance(value, bool))
+        ok = is_id(value) if name == "id" else isinstance(value, str)
         if not ok and not (optional and value is None):
             kinds = "a string or an integer" if name == "id" else "a string" + (" or null" if optional else "")
             raise ValueError(f"{where}: {name!r} must be {kinds}, got {json.dumps(value)}")

@@ -339,8 +339,8 @@ def locate_tower(release: Path | None = None, mm: MultimodalConfig | None = None
         tried = list(dict.fromkeys(tried))
         hit = next((p for p in tried if p.is_file()), None)
         if hit is None:
-            hint = "" if tower else f"; --tower DIR names a folder with {TOWER_JSON} and {TOWER_CKPT}"
-            raise FileNotFoundError(f"{name}: tower file not found; tried {', '.join(map(str, tried))}{hint}")
+            raise FileNotFoundError(f"{name}: tower file not found; tried {', '.join(map(str, tried))} "
+                                    f"(--tower DIR names a folder with {TOWER_JSON} and {TOWER_CKPT})")
         found.append(hit)
     return found[0], found[1]
 

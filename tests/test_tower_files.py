@@ -93,5 +93,5 @@ def test_search_order(tmp_path):
     shutil.rmtree(elsewhere)
     assert locate_tower(release, mm, str(given)) == (given / "renamed.json", given / TOWER_CKPT)
     # training's --tower: the folder alone, under the standard names
-    with pytest.raises(FileNotFoundError, match=f"{TOWER_JSON}: tower file not found; tried {given / TOWER_JSON}$"):
+    with pytest.raises(FileNotFoundError, match=f"^{TOWER_JSON}: tower file not found; tried {given / TOWER_JSON} \\(--tower DIR"):
         locate_tower(tower=str(given))
