@@ -73,3 +73,10 @@ def test_end_at_line(tmp_path):
     assert path.read_text() == complete + "\n"
     end_at_line(path)
     assert path.read_text() == complete + "\n"
+
+
+def test_annotation_json_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "chat_test.json"
+    path.write_bytes(b'[\n  {"id": "a",\n   "reason": "Cough \xff"}\n]\n')
+    with pytest.raises(ValueError, match=f"^{path}:3: not UTF-8 text \\(byte 0xff\\)$"):
+        load_records(path)
