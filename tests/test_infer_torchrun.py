@@ -21,7 +21,7 @@ def test_two_processes_equal_one(tmp_path_factory, tmp_path):
     common = ["--query-file", str(queries), "--model", str(tiny.release), "--base", str(tiny.base),
               "--max-new-tokens", "8", "--batch-size", "2", "--workers", "0"]
     single = tmp_path / "single.jsonl"
-    assert infer.main([*common, "--output", str(single)]) == 0
+    assert infer.main([*common, "--output", str(single)]) == infer.FAILED_RECORDS  # one image is corrupt (issue 10.19)
 
     multi = tmp_path / "multi.jsonl"
     lines = single.read_text().splitlines(keepends=True)
@@ -30,7 +30,7 @@ def test_two_processes_equal_one(tmp_path_factory, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "infer.py"), *common, "--output", str(multi)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode != 0, proc.stderr[-3000:]
     assert multi.read_text() == single.read_text()
     assert f"done: {len(REASONS) - 2} predicted, 1 skipped" in proc.stderr and "1 failed" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "multi.jsonl", "single.jsonl"]  # parts merged away
