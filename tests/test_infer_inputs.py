@@ -96,6 +96,7 @@ def test_ids_keep_their_json_type(tiny, tmp_path, capsys):
     ({"id": "a", "image": 5}, "line 1: 'image' must be a string, got 5"),
     ({"id": "a", "image": "a.png", "reason": 42}, "line 1: 'reason' must be a string or null, got 42"),
     ({"id": "a", "image": "a.png", "reference": ["x"]}, "line 1: 'reference' must be a string or null, got [\"x\"]"),
+    ({"id": "a", "image": "a.png", "reason": "Cough \udcff"}, "line 1: 'reason' holds a lone surrogate (\\udcff), not text"),
 ])
 def test_bad_record_fields_fail_before_the_model_loads(tiny, tmp_path, capsys, row, message):
     queries = write_queries(tmp_path / "q.jsonl", [row])
