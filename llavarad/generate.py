@@ -1,4 +1,4 @@
-"""KV-cached greedy decoding: prefill() right-padded prompts into cache rows, then decode_step() one
+"""KV-cached greedy decoding: prefill() prompts (right-padded there) into cache rows, then decode_step() one
 token at a time, with continuous batching over a stream of prompts.
 
 Rows of different prompt lengths share one cache: row b's prompt fills slots 0..len_b-1, and its
@@ -26,12 +26,18 @@ Step = Callable[[Tensor, Tensor], Tensor]  # (tokens (B,), positions (B,)) -> ne
 
 
 @torch.no_grad()
-def prefill(llm: Llama, embeds: Tensor, lengths: Tensor, rows: Tensor | None = None) -> Tensor:
-    """Fill cache rows `rows` (B,) (default 0..B-1) with prompts (B, T, dim) of true lengths (B,)
-    -> first greedy tokens (B,)."""
-    B, T, _ = embeds.shape
-    pos = torch.arange(T, device=embeds.device).expand(B, T)  # (B, T)
-    h = llm(embeds, pos, use_cache=True, rows=rows)  # (B, T, dim)
+def prefill(llm: Llama, embeds: list[Tensor], rows: Tensor | None = None) -> Tensor:
+    """Fill cache rows `rows` (B,) (default 0..B-1) with prompts (T_b, dim) -> first greedy tokens (B,).
+
+    This is where a batch forms, so this is where the prompts are right-padded: causal attention
+    never lets a real token see a pad, and decoding overwrites the pad slots before they are visible."""
+    lengths = torch.tensor([e.shape[0] for e in embeds], device=embeds[0].device)  # (B,)
+    B, T = len(embeds), int(lengths.max())
+    x = embeds[0].new_zeros(B, T, embeds[0].shape[-1])  # (B, T, dim)
+    for b, e in enumerate(embeds):
+        x[b, : e.shape[0]] = e
+    pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+    h = llm(x, pos, use_cache=True, rows=rows)  # (B, T, dim)
     last = h[torch.arange(B, device=h.device), lengths - 1]  # (B, dim)
     return llm.lm_head(last).argmax(-1)
 
@@ -135,16 +141,12 @@ class BatchGenerator:
                         yield self._release(keys, outs, r)
 
     def _prefill(self, embeds: list[Tensor], rows: list[int], max_new_tokens: int) -> tuple[Tensor, Tensor]:
-        """Right-pad prompts (T_i, dim) into one batch and prefill them into cache rows `rows`."""
+        """Prefill prompts (T_i, dim) into cache rows `rows` -> first tokens (k,), lengths (k,)."""
         lengths = torch.tensor([e.shape[0] for e in embeds], device=self.device)
         T = int(lengths.max())
         if T + max_new_tokens - 1 > self.max_len:
             raise ValueError(f"a prompt of {T} tokens + {max_new_tokens} new tokens does not fit the cache of {self.max_len} slots")
-        x = embeds[0].new_zeros(len(embeds), T, embeds[0].shape[-1])  # (k, T, dim)
-        for j, e in enumerate(embeds):
-            x[j, : e.shape[0]] = e
-        first = prefill(self.llm, x, lengths, torch.tensor(rows, device=self.device))
-        return first, lengths
+        return prefill(self.llm, embeds, torch.tensor(rows, device=self.device)), lengths
 
     def _finished(self, out: list[int], max_new_tokens: int) -> bool:
         return out[-1] == self.eos_id or len(out) >= max_new_tokens
@@ -156,10 +158,10 @@ class BatchGenerator:
 
 
 @torch.no_grad()
-def greedy_generate(llm: Llama, embeds: Tensor, lengths: Tensor, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Greedy decoding of one right-padded batch (B, T, dim) of true lengths (B,) until every row
-    has produced EOS or max_new_tokens tokens. Returns each row's new tokens, EOS excluded."""
-    B, T, _ = embeds.shape
-    gen = BatchGenerator(llm, B, T + max_new_tokens, eos_id)
-    done = dict(gen.run(((b, embeds[b, : int(lengths[b])]) for b in range(B)), max_new_tokens))
-    return [done[b] for b in range(B)]
+def greedy_generate(llm: Llama, embeds: list[Tensor], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    """Greedy decoding of prompts (T_b, dim), all in one batch, until every row has produced EOS or
+    max_new_tokens tokens. Returns each row's new tokens, EOS excluded."""
+    T = max(e.shape[0] for e in embeds)
+    gen = BatchGenerator(llm, len(embeds), T + max_new_tokens, eos_id)
+    done = dict(gen.run(enumerate(embeds), max_new_tokens))
+    return [done[b] for b in range(len(embeds))]

@@ -15,6 +15,6 @@ def describe(model: LlavaRad, tokenizer: Tokenizer, images: list[Image.Image], r
     device = model.llm.lm_head.weight.device
     pixels = torch.stack([preprocess(im, model.tower.cfg.image_size) for im in images]).to(device)  # (B, 3, S, S)
     ids = [tokenizer.encode_prompt(build_prompt(build_question(r))) for r in reasons]
-    embeds, lengths = model.embed(ids, model.encode_images(pixels))
-    new_tokens = greedy_generate(model.llm, embeds, lengths, max_new_tokens, tokenizer.eos_id)
+    embeds = model.embed(ids, model.encode_images(pixels))  # B x (T_b, dim)
+    new_tokens = greedy_generate(model.llm, embeds, max_new_tokens, tokenizer.eos_id)
     return [tokenizer.decode(t) for t in new_tokens]

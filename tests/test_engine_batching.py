@@ -74,8 +74,8 @@ def test_prefill_into_chosen_rows(models):
     with torch.no_grad():
         ref_one = hf.generate(one[None], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 1:].tolist()
         llm.setup_cache(3, 32)
-        first2 = prefill(llm, llm.embed_tokens(prompts[1])[None], torch.tensor([len(prompts[1])]), rows=torch.tensor([2]))
-        first1 = prefill(llm, llm.embed_tokens(one)[None], torch.tensor([1]), rows=torch.tensor([1]))
+        first2 = prefill(llm, [llm.embed_tokens(prompts[1])], rows=torch.tensor([2]))
+        first1 = prefill(llm, [llm.embed_tokens(one)], rows=torch.tensor([1]))
         tok = torch.tensor([0, int(first1), int(first2)])
         pos = torch.tensor([0, 1, len(prompts[1])])
         out = [tok.tolist()]
@@ -90,9 +90,7 @@ def test_decode_step_compiles_without_graph_breaks(models):
     llm, prompts, free, _ = models
     with torch.no_grad():
         llm.setup_cache(2, 32)
-        embeds = torch.zeros(2, 9, llm.cfg.dim)
-        embeds[0], embeds[1, :3] = llm.embed_tokens(prompts[0]), llm.embed_tokens(prompts[1])
-        tok = prefill(llm, embeds, torch.tensor([9, 3]))
+        tok = prefill(llm, [llm.embed_tokens(prompts[0]), llm.embed_tokens(prompts[1])])
         pos = torch.tensor([9, 3])
         compiled = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False)
         out = [tok.tolist()]

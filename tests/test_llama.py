@@ -80,17 +80,16 @@ def test_greedy_matches_transformers_generate(tmp_path):
     with torch.no_grad():
         refs = [hf.generate(p[None], max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
         for p, ref in zip(prompts, refs):  # one by one
-            embeds, lengths = right_pad([p], llm)
-            assert greedy_generate(llm, embeds, lengths, 20, eos_id=-1)[0] == ref
-        embeds, lengths = right_pad(prompts, llm)  # batched, different lengths
-        assert greedy_generate(llm, embeds, lengths, 20, eos_id=-1) == refs
+            assert greedy_generate(llm, [llm.embed_tokens(p)], 20, eos_id=-1)[0] == ref
+        embeds = [llm.embed_tokens(p) for p in prompts]  # batched, different lengths
+        assert greedy_generate(llm, embeds, 20, eos_id=-1) == refs
 
 
 def test_greedy_stops_at_eos(tmp_path):
     llm = load_ours(tiny_hf_llama(), tmp_path)
     p = torch.randint(3, 128, (7,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        free = greedy_generate(llm, *right_pad([p], llm), 12, eos_id=-1)[0]
+        free = greedy_generate(llm, [llm.embed_tokens(p)], 12, eos_id=-1)[0]
         eos = free[4]  # pretend the 5th generated token is EOS
-        stopped = greedy_generate(llm, *right_pad([p], llm), 12, eos_id=eos)[0]
+        stopped = greedy_generate(llm, [llm.embed_tokens(p)], 12, eos_id=eos)[0]
     assert stopped == free[: free.index(eos)]
