@@ -20,14 +20,14 @@ from itertools import islice
 import torch
 from torch import Tensor
 
-from llavarad.llama import Llama
+from llavarad.llama import KVCache, Llama
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (tokens (B,), positions (B,)) -> next tokens (B,)
 
 
 @torch.no_grad()
-def prefill(llm: Llama, embeds: list[Tensor], rows: Tensor | None = None) -> Tensor:
-    """Fill cache rows `rows` (B,) (default 0..B-1) with prompts (T_b, dim) -> first greedy tokens (B,).
+def prefill(llm: Llama, cache: list[KVCache], embeds: list[Tensor], rows: Tensor | None = None) -> Tensor:
+    """Fill rows `rows` (B,) (default 0..B-1) of `cache` with prompts (T_b, dim) -> first greedy tokens (B,).
 
     This is where a batch forms, so this is where the prompts are right-padded: causal attention
     never lets a real token see a pad, and decoding overwrites the pad slots before they are visible."""
@@ -37,23 +37,23 @@ def prefill(llm: Llama, embeds: list[Tensor], rows: Tensor | None = None) -> Ten
     for b, e in enumerate(embeds):
         x[b, : e.shape[0]] = e
     pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
-    h = llm(x, pos, use_cache=True, rows=rows)  # (B, T, dim)
+    h = llm(x, pos, "prefill", cache, rows)  # (B, T, dim)
     last = h[torch.arange(B, device=h.device), lengths - 1]  # (B, dim)
     return llm.lm_head(last).argmax(-1)
 
 
 @torch.no_grad()
-def decode_step(llm: Llama, tokens: Tensor, pos: Tensor) -> Tensor:
-    """Tokens (B,) at positions (B,) -> next greedy tokens (B,)."""
-    h = llm(llm.embed_tokens(tokens)[:, None], pos[:, None], use_cache=True)  # (B, 1, dim)
+def decode_step(llm: Llama, cache: list[KVCache], tokens: Tensor, pos: Tensor) -> Tensor:
+    """Tokens (B,) at positions (B,), one per row of `cache` -> next greedy tokens (B,)."""
+    h = llm(llm.embed_tokens(tokens)[:, None], pos[:, None], "decode", cache)  # (B, 1, dim)
     return llm.lm_head(h[:, 0]).argmax(-1)
 
 
 class CUDAGraphStep:
     """A decode step recorded once as a CUDA graph, then replayed: one launch instead of a dozen
     kernels per layer, which at batch 1 is most of a step's time. The graph owns its input and
-    output tensors (same addresses at every replay); the cache it writes is the one installed
-    when it was recorded."""
+    output tensors (same addresses at every replay), and it reads and writes the cache tensors that
+    `step` used when it was recorded: the generator's own cache, made once and never replaced."""
 
     def __init__(self, step: Step, batch: int, device: torch.device):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -87,11 +87,11 @@ class BatchGenerator:
         self.device = llm.lm_head.weight.device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
-        llm.setup_cache(batch_size, max_len)
-        self.caches = [layer.attn.cache for layer in llm.layers]
+        self.cache = llm.new_cache(batch_size, max_len)  # this generator's alone: passed into every call
+        cache = self.cache
 
         def step(tokens: Tensor, pos: Tensor) -> Tensor:
-            return decode_step(llm, tokens, pos)
+            return decode_step(llm, cache, tokens, pos)
 
         if compile:
             step = torch.compile(step, dynamic=False)
@@ -103,8 +103,6 @@ class BatchGenerator:
         order the rows finish. Prompts are taken from the iterable only when a row is free."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        for layer, cache in zip(self.llm.layers, self.caches):  # another generator may have replaced them
-            layer.attn.cache = cache
         B, device = self.batch_size, self.device
         tokens = torch.zeros(B, dtype=torch.long, device=device)
         pos = torch.zeros(B, dtype=torch.long, device=device)
@@ -146,7 +144,7 @@ class BatchGenerator:
         T = int(lengths.max())
         if T + max_new_tokens - 1 > self.max_len:
             raise ValueError(f"a prompt of {T} tokens + {max_new_tokens} new tokens does not fit the cache of {self.max_len} slots")
-        return prefill(self.llm, embeds, torch.tensor(rows, device=self.device)), lengths
+        return prefill(self.llm, self.cache, embeds, torch.tensor(rows, device=self.device)), lengths
 
     def _finished(self, out: list[int], max_new_tokens: int) -> bool:
         return out[-1] == self.eos_id or len(out) >= max_new_tokens

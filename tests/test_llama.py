@@ -57,13 +57,13 @@ def test_cached_equals_uncached(tmp_path):
     with torch.no_grad():
         embeds, lengths = right_pad(prompts, llm)
         B, T, _ = embeds.shape
-        llm.setup_cache(B, T + steps)
-        h = llm(embeds, torch.arange(T).expand(B, T), use_cache=True)
+        cache = llm.new_cache(B, T + steps)
+        h = llm(embeds, torch.arange(T).expand(B, T), "prefill", cache)
         cached = [[llm.lm_head(h[b, lengths[b] - 1])] for b in range(B)]
         for t in range(steps):
             toks = torch.stack([c[t] for c in continuations])
             pos = (lengths + t)[:, None]
-            h = llm(llm.embed_tokens(toks)[:, None], pos, use_cache=True)
+            h = llm(llm.embed_tokens(toks)[:, None], pos, "decode", cache)
             for b in range(B):
                 cached[b].append(llm.lm_head(h[b, 0]))
         for b in range(B):
