@@ -71,11 +71,7 @@ def assemble(stage: str, tower: VisionTower, projector: Projector, llm: Llama, l
     llm.requires_grad_(False)
     projector.to(torch.float32).requires_grad_(True)
     if stage == "lora":
-        apply_lora(llm, lora)
-        for module in llm.modules():  # LoRA weights are created in the frozen dtype
-            for name in ("lora_A", "lora_B"):
-                if hasattr(module, name):
-                    setattr(module, name, nn.Parameter(getattr(module, name).detach().float()))
+        apply_lora(llm, lora, dtype=torch.float32)
     return TrainModel(tower, projector, llm)
 
 
