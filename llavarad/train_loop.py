@@ -22,9 +22,9 @@ from llavarad.checkpoint import list_checkpoints, load_checkpoint, save_checkpoi
 from llavarad.config import LlamaConfig, LoRAConfig
 from llavarad.data import (TEMPLATES, StepSampler, TrainDataset, accumulation_steps, collate, eval_batches,
                            load_train_records, text_length)
-from llavarad.dist import init_distributed, print0
+from llavarad.dist import close_distributed, init_distributed, print0
 from llavarad.optim import build_optimizer, get_lr
-from llavarad.parallel import ensure_process_group, parallelize
+from llavarad.parallel import parallelize
 from llavarad.release import save_lora_release, save_pretrain_outputs
 from llavarad.tokenizer import Tokenizer
 from llavarad.train_config import TrainConfig
@@ -32,18 +32,16 @@ from llavarad.train_model import TrainModel, build_model, trainable_parameters
 from llavarad.weights import resolve_folder
 
 
-def train(cfg: TrainConfig) -> Path:
+def run_training(cfg: TrainConfig) -> Path:
     """Run one stage; returns the run folder. Under torchrun every rank calls it."""
-    rank, world, device = init_distributed()
-    made_group = ensure_process_group(device)
+    rank, world, device = init_distributed(need_group=True)  # FSDP2 needs a group, even for one process
     try:
-        return _train(cfg, rank, world, device)
+        return _run_stage(cfg, rank, world, device)
     finally:
-        if made_group:
-            dist.destroy_process_group()
+        close_distributed()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
+def _run_stage(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, world)  # before loading 7B parameters
     run_dir, template = Path(cfg.output), TEMPLATES[cfg.stage]
     records = load_train_records(cfg.data, cfg.loader)
