@@ -46,10 +46,9 @@ from llavarad.dist import close_distributed, init_distributed  # noqa: E402
 from llavarad.llama import Llama  # noqa: E402
 from llavarad.lora import lora_state_dict  # noqa: E402
 from llavarad.model import Projector  # noqa: E402
-from llavarad.optim import build_optimizer  # noqa: E402
 from llavarad.parallel import parallelize  # noqa: E402
 from llavarad.tokenizer import IGNORE_INDEX  # noqa: E402
-from llavarad.train_loop import flops_per_token, train_step  # noqa: E402
+from llavarad.train_loop import build_optimizer, flops_per_token, train_step  # noqa: E402
 from llavarad.train_model import TrainModel, assemble, trainable_parameters  # noqa: E402
 from llavarad.vision import VisionConfig, VisionTower  # noqa: E402
 from llavarad.weights import ours_to_hf  # noqa: E402
