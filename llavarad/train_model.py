@@ -52,7 +52,7 @@ def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lo
                 dtype: torch.dtype, device: torch.device) -> TrainModel:
     """Load the base decoder, the tower and (lora stage) the pretrained projector; see `assemble`.
     Seed torch before: the new projector / LoRA weights are drawn here, and every rank must draw the same."""
-    llm = load_llm(resolve_folder(base, "base model"), {}, 1.0, dtype, device)
+    llm = load_llm(resolve_folder(base, "base model"), dtype, device)
     tower = load_tower(*tower_files(tower_dir)).to(device=device, dtype=dtype)
     if projector is None:
         proj = Projector(tower.cfg.width, llm.cfg.dim)

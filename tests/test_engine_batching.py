@@ -17,7 +17,7 @@ NEW = 12
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     hf = tiny_hf_llama()
-    llm = load_llm(write_base(hf, tmp_path_factory.mktemp("base")), {}, 1.0, torch.float32, "cpu")
+    llm = load_llm(write_base(hf, tmp_path_factory.mktemp("base")), torch.float32, "cpu")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in LENGTHS]
     with torch.no_grad():

@@ -11,7 +11,7 @@ LENGTHS = [5, 11, 17]
 
 
 def load_ours(hf, tmp_path, **kw):
-    return load_llm(write_base(hf, tmp_path / "base", **kw), {}, 1.0, torch.float32, "cpu")
+    return load_llm(write_base(hf, tmp_path / "base", **kw), torch.float32, "cpu")
 
 
 def right_pad(prompts: list[torch.Tensor], llm) -> tuple[torch.Tensor, torch.Tensor]:
