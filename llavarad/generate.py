@@ -1,5 +1,5 @@
-"""KV-cached greedy decoding: prefill() prompts (right-padded there) into cache rows, then decode_step() one
-token at a time, with continuous batching over a stream of prompts.
+"""KV-cached greedy decoding: prefill() prompts (right-padded there, where the batch forms) into
+cache rows, then decode_step() one token at a time, with continuous batching over a stream of prompts.
 
 Rows of different prompt lengths share one cache: row b's prompt fills slots 0..len_b-1, and its
 t-th new token goes to slot len_b + t (see llama.py), so no row ever attends to another row's
@@ -9,7 +9,8 @@ BatchGenerator keeps a fixed number of cache rows busy. When a row emits EOS (or
 max_new_tokens) its tokens are handed back and the next waiting prompt is prefilled into that row,
 so a finished report stops costing compute and a batch never waits for its longest report. The
 decode step always runs on the whole batch, so its shapes never change and it can be recorded
-once as a CUDA graph (optionally after torch.compile). Rows left idle once the stream runs dry
+once as a CUDA graph (optionally after torch.compile). Each BatchGenerator makes its own cache and
+passes it into every model call, so generators over one model never share state. Rows left idle once the stream runs dry
 sit at position 0: with flash-attn they read one cache slot; their share of the weight reads,
 which dominate a decode step, is free.
 """

@@ -13,10 +13,10 @@ The cache belongs to the caller (generate.BatchGenerator) and is passed into eve
 generators over one model never share state.
 """
 
-import torch
-import torch.nn.functional as F
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llavarad.config import LlamaConfig
