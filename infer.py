@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from llavarad.batch_infer import predicted_ids, run_queries
 from llavarad.dist import close_distributed, init_distributed, print0
-from llavarad.images import load_image
-from llavarad.pipeline import describe
+from llavarad.generate import greedy_generate
+from llavarad.images import load_image, preprocess
+from llavarad.model import LlavaRad, context_overflow
 from llavarad.records import LOADERS, load_records
+from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 from llavarad.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,6 +107,21 @@ def device_problem(name: str) -> str | None:
     return None
 
 
+@torch.no_grad()
+def describe(model: LlavaRad, tokenizer: Tokenizer, images: list[Image.Image], reasons: list[str | None], max_new_tokens: int = 256) -> list[str]:
+    """One findings text per (image, reason) pair, generated in one batch: preprocess, prompt,
+    splice, greedy decode, detokenize. A prompt too long for the decoder's context is a ValueError."""
+    device = model.llm.lm_head.weight.device
+    ids = [tokenizer.encode_prompt(build_prompt(build_question(r))) for r in reasons]
+    for row in ids:
+        if problem := context_overflow(model, row, max_new_tokens):
+            raise ValueError(problem)
+    pixels = torch.stack([preprocess(im, model.tower.cfg.image_size) for im in images]).to(device)  # (B, 3, S, S)
+    embeds = model.embed(ids, model.encode_images(pixels))  # B x (T_b, dim)
+    new_tokens = greedy_generate(model.llm, embeds, max_new_tokens, tokenizer.eos_id)
+    return [tokenizer.decode(t) for t in new_tokens]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, device = init_distributed() if args.query_file else (0, 1, None)
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     t0 = time.time()
-    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, tower=args.tower)
+    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, tower_dir=args.tower)
     print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
     return model, tokenizer
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from llavarad.config import LlamaConfig, MultimodalConfig, read_json
-from llavarad.errors import described, reason
+from llavarad.errors import first_line
 from llavarad.llama import Llama
 from llavarad.lora import merge_lora
 from llavarad.model import LlavaRad, Projector
@@ -84,7 +84,7 @@ def resolve_folder(name: str, what: str) -> Path:
     try:
         return Path(snapshot_download(name))
     except Exception as e:  # no such repo, gated repo, no network: one line, not a traceback
-        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({described(e)})") from None
+        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({first_line(e)})") from None
 
 
 def load_file(path: Path) -> dict[str, Tensor]:
@@ -97,7 +97,7 @@ def load_file(path: Path) -> dict[str, Tensor]:
                 return {k: f.get_tensor(k) for k in f.keys()}
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code in it, truncated download...
-        raise ValueError(f"{path}: cannot read checkpoint ({described(e)})") from None
+        raise ValueError(f"{path}: cannot read checkpoint ({first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return sd
@@ -148,15 +148,16 @@ def load_adapter(folder: Path) -> tuple[dict[str, Tensor], float]:
     return adapter, scale
 
 
-def load_llm(base: Path, adapter: dict[str, Tensor], scale: float, dtype: torch.dtype, device: str | torch.device) -> Llama:
-    """Build the decoder on the meta device and assign the base weights (LoRA merged) tensor by tensor,
-    so a 7B model never exists twice in memory."""
+def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter: dict[str, Tensor] | None = None,
+             scale: float = 1.0) -> Llama:
+    """Build the decoder on the meta device and assign the base weights tensor by tensor, so a 7B
+    model never exists twice in memory. A LoRA `adapter` (from `load_adapter`) is merged at `scale`."""
     cfg = LlamaConfig.from_hf(base / "config.json")
     with torch.device("meta"):
         llm = Llama(cfg)
     expected = {k: tuple(v.shape) for k, v in llm.state_dict().items()}
     by_module: dict[str, dict[str, Tensor]] = {}
-    for k, v in adapter.items():
+    for k, v in (adapter or {}).items():
         by_module.setdefault(k.rsplit(".", 1)[0] + ".weight", {})[k] = v
     sd: dict[str, Tensor] = {}
     for key, t, f in iter_checkpoint(base):
@@ -292,7 +293,7 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types, all meaning "not a loadable checkpoint"
-        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({reason(e)})") from None
+        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({first_line(e)})") from None
     trunk = _trunk_state_dict(checkpoint, checkpoint_path)
     del checkpoint  # the text tower and optimizer state are not needed
     cfg = _config_from_tensors(trunk, head_width, image_size, (json_path, checkpoint_path))
@@ -321,12 +322,12 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
     return tower.eval().requires_grad_(False)
 
 
-def locate_tower(release: Path | None = None, mm: MultimodalConfig | None = None, tower: str | None = None) -> tuple[Path, Path]:
+def locate_tower(release: Path | None = None, mm: MultimodalConfig | None = None, tower_dir: str | None = None) -> tuple[Path, Path]:
     """The tower's open_clip json and checkpoint, each looked for in this order:
       1. in the release folder, under the file name config.json gives, then the standard name;
       2. at the path config.json gives, as written (the official training code stores absolute paths
          of the training machine and copies no tower file into its output), when it exists here;
-      3. in the `tower` folder (--tower), under the same names.
+      3. in the `tower_dir` folder (--tower), under the same names.
     The error names every place tried."""
     stored = (mm.mm_vision_tower_config, mm.mm_vision_tower_checkpoint) if mm else (TOWER_JSON, TOWER_CKPT)
     found = []
@@ -335,7 +336,7 @@ def locate_tower(release: Path | None = None, mm: MultimodalConfig | None = None
         tried = [release / n for n in names] if release else []
         if mm:
             tried.append(Path(path) if Path(path).is_absolute() or not release else release / path)
-        tried += [Path(tower) / n for n in names] if tower else []
+        tried += [Path(tower_dir) / n for n in names] if tower_dir else []
         tried = list(dict.fromkeys(tried))
         hit = next((p for p in tried if p.is_file()), None)
         if hit is None:
@@ -353,18 +354,19 @@ def release_file(folder: Path, stored: str, default: str) -> Path:
     raise FileNotFoundError(f"{folder}: missing {Path(stored).name or default}")
 
 
-def load_llavarad(model: str, base: str, dtype: torch.dtype, device: str | torch.device, tower: str | None = None) -> tuple[LlavaRad, Tokenizer]:
-    """The released model: base folder + release folder (local paths or hub ids) -> model, tokenizer.
-    `tower`: a folder with the tower files, for a release folder that has none (see locate_tower)."""
-    release, base_dir = resolve_folder(model, "model"), resolve_folder(base, "base model")
+def load_llavarad(release: str, base: str, dtype: torch.dtype, device: str | torch.device,
+                  tower_dir: str | None = None) -> tuple[LlavaRad, Tokenizer]:
+    """The released model: release folder + base folder (local paths or hub ids) -> model, tokenizer.
+    `tower_dir`: a folder with the tower files, for a release folder that has none (see locate_tower)."""
+    release, base_dir = resolve_folder(release, "model"), resolve_folder(base, "base model")
     mm = MultimodalConfig.from_hf(release / "config.json")
-    tower_json, tower_ckpt = locate_tower(release, mm, tower)  # before the 7B decoder: a missing file fails fast
-    adapter, scale = load_adapter(release) if (release / "adapter_config.json").is_file() else ({}, 1.0)
-    llm = load_llm(base_dir, adapter, scale, dtype, device)
+    tower_json, tower_ckpt = locate_tower(release, mm, tower_dir)  # before the 7B decoder: a missing file fails fast
+    adapter, scale = load_adapter(release) if (release / "adapter_config.json").is_file() else (None, 1.0)
+    llm = load_llm(base_dir, dtype, device, adapter=adapter, scale=scale)
     projector = load_projector(release_file(release, "non_lora_trainables.bin", "mm_projector.bin"), mm.mm_hidden_size, llm.cfg.dim)
-    vision = load_tower(str(tower_json), str(tower_ckpt), mm.mm_vision_select_layer)
-    if vision.cfg.width != mm.mm_hidden_size:
-        raise ValueError(f"{release / 'config.json'}: mm_hidden_size {mm.mm_hidden_size} but the tower width is {vision.cfg.width}")
+    tower = load_tower(str(tower_json), str(tower_ckpt), mm.mm_vision_select_layer)
+    if tower.cfg.width != mm.mm_hidden_size:
+        raise ValueError(f"{release / 'config.json'}: mm_hidden_size {mm.mm_hidden_size} but the tower width is {tower.cfg.width}")
     tokenizer = Tokenizer(str(base_dir / "tokenizer.model"))
-    model_ = LlavaRad(vision, projector, llm).to(device=device, dtype=dtype)
-    return model_.eval(), tokenizer
+    model = LlavaRad(tower, projector, llm).to(device=device, dtype=dtype)
+    return model.eval(), tokenizer

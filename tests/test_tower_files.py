@@ -94,4 +94,4 @@ def test_search_order(tmp_path):
     assert locate_tower(release, mm, str(given)) == (given / "renamed.json", given / TOWER_CKPT)
     # training's --tower: the folder alone, under the standard names
     with pytest.raises(FileNotFoundError, match=f"^{TOWER_JSON}: tower file not found; tried {given / TOWER_JSON} \\(--tower DIR"):
-        locate_tower(tower=str(given))
+        locate_tower(tower_dir=str(given))
