@@ -30,7 +30,7 @@ from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad, context_overflow
 from llavarad.records import LOADERS, load_records
 from llavarad.tokenizer import Tokenizer, build_prompt, build_question
-from llavarad.weights import load_llavarad
+from llavarad.weights import TOWER_CKPT, TOWER_JSON, load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAILED_RECORDS = 3  # exit code of a batch run that wrote an error record for some query
@@ -46,9 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reason", help="reason for exam (indication); omitted -> the no-reason prompt")
     p.add_argument("--model", default="microsoft/llava-rad", help="release folder or Hugging Face repo id (default: %(default)s)")
     p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id (default: %(default)s)")
-    p.add_argument("--tower", help="folder with the tower files (biomedclipcxr_518.json, biomedclipcxr_518_checkpoint.pt), "
-                                   "looked in after the release folder and the paths its config.json gives (default: none)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--tower", help=f"folder with the tower files ({TOWER_JSON}, {TOWER_CKPT}), looked in after the "
+                                   "release folder and the paths its config.json gives (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most tokens per report; the prompt plus these must fit the decoder's context (default: %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, this rank's GPU under torchrun, when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: bfloat16 on GPU, float32 on CPU)")
     q = p.add_argument_group("query file")
