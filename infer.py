@@ -24,13 +24,14 @@ import torch
 from PIL import Image
 
 from llavarad.batch_infer import predicted_ids, run_queries
+from llavarad.config import TOWER_CKPT, TOWER_JSON
 from llavarad.dist import close_distributed, init_distributed, print0
 from llavarad.generate import greedy_generate
 from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad, context_overflow
 from llavarad.records import LOADERS, load_records
 from llavarad.tokenizer import Tokenizer, build_prompt, build_question
-from llavarad.weights import TOWER_CKPT, TOWER_JSON, load_llavarad
+from llavarad.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAILED_RECORDS = 3  # exit code of a batch run that wrote an error record for some query

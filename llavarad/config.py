@@ -55,6 +55,11 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# The vision tower's open_clip model json and checkpoint, as the release names them (the one
+# definition; weights.locate_tower finds them).
+TOWER_JSON, TOWER_CKPT = "biomedclipcxr_518.json", "biomedclipcxr_518_checkpoint.pt"
+
+
 @dataclass
 class MultimodalConfig:
     """The LLaVA fields of the release's `config.json` that shape the model around the decoder."""
@@ -62,8 +67,8 @@ class MultimodalConfig:
     mm_hidden_size: int = 768
     mm_vision_select_layer: int = -2
     mm_projector_type: str = "mlp2x_gelu"
-    mm_vision_tower_config: str = "biomedclipcxr_518.json"
-    mm_vision_tower_checkpoint: str = "biomedclipcxr_518_checkpoint.pt"
+    mm_vision_tower_config: str = TOWER_JSON
+    mm_vision_tower_checkpoint: str = TOWER_CKPT
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "MultimodalConfig":

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from llavarad.config import LoRAConfig, read_json
-from llavarad.weights import TOWER_CKPT, TOWER_JSON, ours_to_hf
+from llavarad.config import TOWER_CKPT, TOWER_JSON, LoRAConfig, read_json
+from llavarad.weights import ours_to_hf
 
 
 def llava_config(base_dir: Path, mm_hidden: int, tower_json: str, tower_ckpt: str) -> dict:

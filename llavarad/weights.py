@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from llavarad.config import LlamaConfig, MultimodalConfig, read_json
+from llavarad.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.errors import first_line
 from llavarad.llama import Llama
 from llavarad.lora import merge_lora
@@ -42,8 +42,6 @@ LLAMA_KEYS = {
 IGNORED_KEYS = {"model.layers.{}.self_attn.rotary_emb.inv_freq"}
 OURS_TO_HF = {v: k for k, v in LLAMA_KEYS.items()}
 
-# The tower's open_clip model json and checkpoint, as the release names them (the one definition).
-TOWER_JSON, TOWER_CKPT = "biomedclipcxr_518.json", "biomedclipcxr_518_checkpoint.pt"
 PROJECTOR_PREFIXES = ("base_model.model.", "model.", "mm_projector.")
 
 
