@@ -49,7 +49,7 @@ from llavarad.model import Projector  # noqa: E402
 from llavarad.optim import build_optimizer  # noqa: E402
 from llavarad.parallel import ensure_process_group, parallelize  # noqa: E402
 from llavarad.tokenizer import IGNORE_INDEX  # noqa: E402
-from llavarad.train_loop import flops_per_token, train_step  # noqa: E402
+from llavarad.train_loop import flops_per_token, loss_weights, train_step  # noqa: E402
 from llavarad.train_model import TrainModel, assemble, trainable_parameters  # noqa: E402
 from llavarad.vision import VisionConfig, VisionTower  # noqa: E402
 from llavarad.weights import ours_to_hf  # noqa: E402
@@ -164,12 +164,12 @@ def ours(s: Setup, checkpointing: str, steps: int) -> dict:
     params = list(named.values())
     optimizer = build_optimizer(params, 0.0, s.device)
     grads = first_grad_norms(optimizer, {hf_lora_name(k): p for k, p in named.items() if ".lora_" in k})
-    micro = [batch(s.cfg, s.vision)]
+    micro = [{k: v.to(s.device) if torch.is_tensor(v) else v for k, v in batch(s.cfg, s.vision).items()}]
     n_supervised = float(micro[0]["n_supervised"])
-    autocast = s.autocast()
+    weights = loss_weights([micro[0]["n_supervised"]], n_supervised, 1, "global")
 
     def step():
-        loss_sum, _ = train_step(model, micro, optimizer, params, LR, s.clip, n_supervised, 1, autocast, s.device)
+        loss_sum, _ = train_step(model, optimizer, micro, weights, LR, s.clip)
         return loss_sum / n_supervised
 
     return {**timed(step, steps, s.device), "first_lora_grad_norms": grads}

@@ -3,7 +3,8 @@ with LoRA), and the summed next-token loss over the supervised positions.
 
 Precision ("bfloat16"): the frozen weights are stored in bf16 (a 7B decoder takes 13.5 GB, not 27),
 what trains (projector, LoRA) stays in float32 as the optimizer's master copy, and the forward runs
-under bf16 autocast, which casts the float32 weights for each matmul. "float32" keeps everything in
+under bf16 autocast (TrainModel.forward turns it on when the frozen weights are bf16), which casts
+the float32 weights for each matmul. "float32" keeps everything in
 float32 with no autocast (the CPU tests).
 """
 
@@ -31,14 +32,16 @@ class TrainModel(LlavaRad):
         the cross-entropy summed over the supervised tokens (normalising is the caller's job,
         since it divides by the count over all micro-batches and ranks)."""
         B, T = tokens.shape
-        image = self.encode_images(pixels)  # (B, N, dim); the tower is frozen, so the gradient starts at the projector
-        h = self.llm.embed_tokens(tokens)  # (B, T, dim)
-        h = h.masked_scatter(image_mask[..., None], image.to(h.dtype))  # the N patches into their N slots
-        pos = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T); right padding keeps positions
-        h = self.llm(h, pos)  # (B, T, dim)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = targets != IGNORE_INDEX
-        logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
+        bf16 = self.llm.embed_tokens.weight.dtype == torch.bfloat16  # the "bfloat16" recipe: autocast the matmuls
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+            image = self.encode_images(pixels)  # (B, N, dim); the tower is frozen, so the gradient starts at the projector
+            h = self.llm.embed_tokens(tokens)  # (B, T, dim)
+            h = h.masked_scatter(image_mask[..., None], image.to(h.dtype))  # the N patches into their N slots
+            pos = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T); right padding keeps positions
+            h = self.llm(h, pos)  # (B, T, dim)
+            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+            keep = targets != IGNORE_INDEX
+            logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
     def train(self, mode: bool = True) -> "TrainModel":
