@@ -14,6 +14,7 @@ The loss of a step (`loss_norm`):
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ class Run:
     model: TrainModel
     params: dict[str, nn.Parameter]  # what trains, by name: the checkpoint's keys
     optimizer: torch.optim.Optimizer
-    batches: object  # iterator over this rank's micro-batches, from step `start` on
+    batches: Iterator[dict]  # this rank's micro-batches, from step `start` on
     val_loader: DataLoader | None
     start: int  # the first step to run (> 0 when resumed)
     total: int  # optimizer steps of the whole run
