@@ -1,6 +1,8 @@
-"""The training loop of both stages: `setup` loads, shards and resumes; `_train` runs the optimizer
-steps (for each, `accum` micro-batches forward + backward, clip, lr = get_lr(step), AdamW, log,
-validate, checkpoint); `export` writes the trained weights in the official layouts.
+"""The training loop of both stages: `setup` loads, shards and resumes; `_run_stage` runs the
+optimizer steps (for each, `accum` micro-batches forward + backward, clip, lr = get_lr(step),
+AdamW, log, validate, checkpoint); `export` writes the trained weights in the official layouts.
+The learning rate is a pure function of the step (`get_lr`, the official recipe's cosine schedule)
+and AdamW is built by `build_optimizer`.
 
 The loss of a step (`loss_norm`):
 - "global" (default): the summed cross-entropy of every supervised token of the global batch
@@ -12,6 +14,7 @@ The loss of a step (`loss_norm`):
 """
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -29,10 +32,9 @@ from llavarad.checkpoint import list_checkpoints, load_checkpoint, read_meta, sa
 from llavarad.config import LlamaConfig, LoRAConfig
 from llavarad.data import (TEMPLATES, StepSampler, TrainDataset, accumulation_steps, collate, eval_batches,
                            load_train_records, steps_per_epoch, text_length)
-from llavarad.dist import init_distributed, print0
+from llavarad.dist import close_distributed, init_distributed, print0
 from llavarad.lora import lora_state_dict
-from llavarad.optim import build_optimizer, get_lr
-from llavarad.parallel import ensure_process_group, parallelize
+from llavarad.parallel import parallelize
 from llavarad.release import save_lora_release, save_pretrain_outputs
 from llavarad.tokenizer import Tokenizer
 from llavarad.train_config import TrainConfig, resume_changes, resume_safe_fields
@@ -40,18 +42,16 @@ from llavarad.train_model import TrainModel, build_model, trainable_parameters
 from llavarad.weights import resolve_folder
 
 
-def train(cfg: TrainConfig) -> Path:
+def run_training(cfg: TrainConfig) -> Path:
     """Run one stage; returns the run folder. Under torchrun every rank calls it."""
-    rank, world, device = init_distributed()
-    made_group = ensure_process_group(device)
+    rank, world, device = init_distributed(need_group=True)  # FSDP2 needs a group, even for one process
     try:
-        return _train(cfg, rank, world, device)
+        return _run_stage(cfg, rank, world, device)
     finally:
-        if made_group:
-            dist.destroy_process_group()
+        close_distributed()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
+def _run_stage(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     run = setup(cfg, rank, world, device)
     images = ImageBudget(cfg.max_missing_frac, run.n_records, cfg.image_folder)
     bar = tqdm(total=run.total, initial=run.start, disable=rank != 0, dynamic_ncols=True, desc=cfg.stage)
@@ -171,6 +171,29 @@ def checkpoint_to_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     if allowed:
         print0(f"resuming with changed settings: {'; '.join(allowed)}")
     return path
+
+
+def get_lr(step: int, total_steps: int, peak_lr: float, warmup_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup over ceil(warmup_ratio * total)
+    steps from 0, then a half cosine down to 0 at `total_steps`.
+
+    The same numbers as transformers' get_cosine_schedule_with_warmup, which the official run used
+    (so the very first step has lr 0, as there).
+    """
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return peak_lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(params: list[nn.Parameter], weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the Trainer's defaults (betas 0.9/0.999, eps 1e-8); the lr is set before every step.
+    Fused kernels on GPU; elsewhere one op per step for all tensors (foreach), not per tensor."""
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(
+        params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, fused=cuda or None, foreach=not cuda or None
+    )
 
 
 def loss_weights(n_supervised: list[int], step_supervised: float, world: int, loss_norm: str) -> list[float]:

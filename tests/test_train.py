@@ -20,10 +20,9 @@ import train
 from _release_fixtures import write_tiny_release
 from llavarad.config import LoRAConfig
 from llavarad.model import Projector
-from llavarad.optim import get_lr
 from llavarad.tokenizer import IGNORE_INDEX
 from llavarad.train_config import TrainConfig, parse_train_args
-from llavarad.train_loop import loss_weights, train_step
+from llavarad.train_loop import get_lr, loss_weights, train_step
 from llavarad.train_model import build_model
 from llavarad.weights import load_llavarad
 
