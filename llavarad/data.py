@@ -3,15 +3,16 @@
 - `TrainDataset` tokenizes one record with the stage's template ("plain" or "v1", llavarad.tokenizer)
   and loads + preprocesses its image; it runs in the DataLoader's worker processes. A sample of
   more than `max_len` token ids is cut at the end (and reported) while the image is still one
-  token, as the official collator cuts; then the image token is expanded in place into the N slots
-  the projected patches will fill, so the model only scatters features into a mask. An unreadable
-  image gives a sample with nothing supervised (counted, see train_loop).
+  token, as the official collator cuts. Its labels get the N image positions that
+  `model.splice_image` (the one splice, shared with inference) puts in place of the image token.
+  An unreadable image gives a sample with nothing supervised (counted, see train_loop).
 - `StepSampler` deals out micro-batches as a pure function of the optimizer step: step s takes the
   next `global_batch` indices of a per-epoch permutation (the epoch's last step the remainder),
   sorts them by length so each micro-batch holds samples of similar lengths (little padding), and
   deals the micro-batches to the ranks. Resuming at step s needs only s, and the global batch is
   the same whatever the world size.
-- `collate` right-pads; causal attention never lets a real token see a pad, and pads are not supervised.
+- `collate` right-pads, the only place a batch is padded; causal attention never lets a real token
+  see a pad, and pads are not supervised.
 
 No packing: a LLaVA-Rad sample is 1369 image slots + 60 to 300 text tokens, so two would rarely fit
 a row, and length grouping already keeps padding to a few tokens per row.
@@ -24,10 +25,12 @@ import torch
 from torch.utils.data import Dataset
 
 from llavarad.images import load_image, preprocess
+from llavarad.model import image_position
 from llavarad.records import Record, load_records
-from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
+from llavarad.tokenizer import IGNORE_INDEX, Tokenizer
 
 TEMPLATES = {"pretrain": "plain", "lora": "v1"}
+PAD_ID = 0  # <unk>, as the official training pads; padding is never attended to by a real token nor supervised
 
 
 def load_train_records(path: str | Path, loader: str) -> list[Record]:
@@ -60,7 +63,7 @@ class TrainDataset(Dataset):
             raise ValueError(f"template {template!r}: choose from {', '.join(TEMPLATES.values())}")
         self.records, self.image_folder, self.tokenizer = records, Path(image_folder), tokenizer
         self.template, self.n_image_tokens, self.image_size, self.max_len = template, n_image_tokens, image_size, max_len
-        at = self.encode(records[0])[0].index(IMAGE_TOKEN_INDEX)
+        at = image_position(self.encode(records[0])[0])
         if at >= max_len:
             raise ValueError(f"max_len {max_len} cuts into the image: the {template} prompt needs at least {at + 1} tokens")
 
@@ -80,11 +83,8 @@ class TrainDataset(Dataset):
         if truncated:
             print(f"warning: record {record.id}: {len(ids)} tokens, cut to max_len {self.max_len}", file=sys.stderr)
             ids, labels = ids[: self.max_len], labels[: self.max_len]
-        at = ids.index(IMAGE_TOKEN_INDEX)
-        n = self.n_image_tokens
-        # The image token becomes n slots (token 0, never embedded: the patches overwrite them).
-        tokens = ids[:at] + [0] * n + ids[at + 1 :]
-        labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
+        at = image_position(ids)
+        labels = labels[:at] + [IGNORE_INDEX] * self.n_image_tokens + labels[at + 1 :]  # as splice_image places the image
         path = self.image_folder / record.image
         try:
             pixels = preprocess(load_image(path), self.image_size)  # (3, S, S)
@@ -95,9 +95,8 @@ class TrainDataset(Dataset):
         if missing or i >= len(self.records):
             labels = [IGNORE_INDEX] * len(labels)
         return {
-            "tokens": torch.tensor(tokens),
-            "labels": torch.tensor(labels),
-            "image_slots": (at, n),
+            "tokens": torch.tensor(ids),  # (T,): one IMAGE_TOKEN_INDEX
+            "labels": torch.tensor(labels),  # (T - 1 + N,): one per position of the spliced row
             "pixels": pixels,
             "missing": missing and i < len(self.records),
             "truncated": truncated and i < len(self.records),
@@ -105,24 +104,21 @@ class TrainDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Right-pad to the longest sample: tokens/labels/image_mask (B, T), pixels (B, 3, S, S), and counts
-    (made here, in the loader's workers, so the step loop only sums them)."""
+    """The batch, padded here and only here: `ids` (B lists of T token ids, right-padded with the pad
+    id, so every row keeps its one image token in place and model.splice_image makes each a row of
+    T - 1 + N embeddings), labels (B, T - 1 + N) padded with IGNORE_INDEX, pixels (B, 3, S, S), and
+    counts (made here, in the loader's workers, so the step loop only sums them)."""
     B, T = len(samples), max(len(s["tokens"]) for s in samples)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    image_mask = torch.zeros(B, T, dtype=torch.bool)
+    ids = [s["tokens"].tolist() + [PAD_ID] * (T - len(s["tokens"])) for s in samples]
+    labels = torch.full((B, max(len(s["labels"]) for s in samples)), IGNORE_INDEX, dtype=torch.long)
     for b, s in enumerate(samples):
-        n = len(s["tokens"])
-        tokens[b, :n], labels[b, :n] = s["tokens"], s["labels"]
-        at, n_image = s["image_slots"]
-        image_mask[b, at : at + n_image] = True
+        labels[b, : len(s["labels"])] = s["labels"]
     return {
-        "tokens": tokens,
+        "ids": ids,
         "labels": labels,
-        "image_mask": image_mask,
         "pixels": torch.stack([s["pixels"] for s in samples]),
         "n_supervised": int((labels[:, 1:] != IGNORE_INDEX).sum()),  # tokens with a target: the loss's denominator
-        "n_real": sum(len(s["tokens"]) for s in samples),  # tokens that are not padding
+        "n_real": sum(len(s["labels"]) for s in samples),  # positions that are not padding
         "n_missing": sum(s["missing"] for s in samples),
         "n_truncated": sum(s["truncated"] for s in samples),
     }

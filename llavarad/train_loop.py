@@ -220,7 +220,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[d
     loss_sum = 0.0
     for i, (b, weight) in enumerate(zip(micro, weights)):
         model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce the gradients once, after the last micro-batch
-        ce = model(b["pixels"], b["tokens"], b["image_mask"], b["labels"])
+        ce = model(b["pixels"], b["ids"], b["labels"])
         (ce * weight).backward()
         loss_sum = loss_sum + ce.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -268,15 +268,15 @@ class StepCounts:
     """A step's batch, summed over its micro-batches and all ranks."""
 
     supervised: float  # tokens with a target
-    real: float  # tokens that are not padding
-    slots: float  # token slots, padding included
+    real: float  # positions that are not padding
+    slots: float  # positions, padding included
     rows: float  # samples
     missing: float  # unreadable images
     truncated: float  # samples cut at max_len
 
     @staticmethod
     def all_ranks(micro: list[dict], device: torch.device) -> "StepCounts":
-        counts = torch.tensor([[b["n_supervised"], b["n_real"], b["tokens"].numel(), len(b["tokens"]), b["n_missing"],
+        counts = torch.tensor([[b["n_supervised"], b["n_real"], b["labels"].numel(), len(b["ids"]), b["n_missing"],
                                 b["n_truncated"]] for b in micro], dtype=torch.float64).sum(0).to(device)
         dist.all_reduce(counts)
         return StepCounts(*counts.tolist())
@@ -304,7 +304,7 @@ def validate(model: TrainModel, loader: DataLoader, device: torch.device) -> flo
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for b in loader:
         b = _to(device, b)
-        total[0] += model(b["pixels"], b["tokens"], b["image_mask"], b["labels"])
+        total[0] += model(b["pixels"], b["ids"], b["labels"])
         total[1] += b["n_supervised"]
     dist.all_reduce(total)
     model.train()

@@ -25,10 +25,9 @@ def dataset(world, template, max_len=256, records=None):
     return TrainDataset(records, images, tokenizer, template, N_IMAGE, 28, max_len)
 
 
-def expand(ids, labels):
-    """The tokenizer's sample with the image token widened to N_IMAGE unsupervised slots."""
-    at = ids.index(IMAGE_TOKEN_INDEX)
-    return ids[:at] + [0] * N_IMAGE + ids[at + 1 :], labels[:at] + [IGNORE_INDEX] * N_IMAGE + labels[at + 1 :], at
+def expand(labels, at):
+    """The tokenizer's labels with the image token widened to the N_IMAGE unsupervised positions of its features."""
+    return labels[:at] + [IGNORE_INDEX] * N_IMAGE + labels[at + 1 :]
 
 
 @pytest.mark.parametrize("template", ["plain", "v1"])
@@ -36,34 +35,33 @@ def test_collate_keeps_the_tokenizer_masks(world, template):
     ds = dataset(world, template)
     tokenizer = world[3]
     batch = collate([ds[i] for i in range(4)])  # records 0, 2 with a reason; 1, 3 without
-    assert batch["tokens"].shape[0] == 4 and batch["pixels"].shape == (4, 3, 28, 28)
+    assert len(batch["ids"]) == 4 and batch["pixels"].shape == (4, 3, 28, 28)
+    T = max(len(row) for row in batch["ids"])
+    assert {len(row) for row in batch["ids"]} == {T} and batch["labels"].shape == (4, T - 1 + N_IMAGE)
     n_supervised = 0
     for b in range(4):
         rec = ds.records[b]
         ids, labels = tokenizer.encode_plain(rec.reference) if template == "plain" else tokenizer.encode_v1(rec.question, rec.reference)
-        tokens, labels, at = expand(ids, labels)
-        n = len(tokens)
-        assert batch["tokens"][b, :n].tolist()[:at] == tokens[:at]
-        assert batch["tokens"][b, at + N_IMAGE : n].tolist() == tokens[at + N_IMAGE :]
-        assert batch["labels"][b, :n].tolist() == labels
+        at = ids.index(IMAGE_TOKEN_INDEX)
+        assert batch["ids"][b] == ids + [0] * (T - len(ids))  # right-padded with <unk>, the image token in place
+        n = len(ids) - 1 + N_IMAGE  # positions once splice_image puts the N_IMAGE features at `at`
+        assert batch["labels"][b, :n].tolist() == expand(labels, at)
         assert (batch["labels"][b, n:] == IGNORE_INDEX).all()  # right padding is never supervised
-        assert batch["image_mask"][b].nonzero().flatten().tolist() == list(range(at, at + N_IMAGE))
         # What is supervised: the findings (+ newline) in plain, the answer (+ </s>) in v1.
-        supervised = [t for t, l in zip(tokens, labels) if l != IGNORE_INDEX]
+        supervised = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
         n_supervised += len(supervised)
         if template == "plain":
             assert supervised == tokenizer.encode_text(rec.reference + "\n")
         else:
             assert supervised == tokenizer.encode_text(" " + rec.reference + "</s>")[-len(supervised) :]
             assert tokenizer.decode(supervised) == rec.reference
-    assert batch["n_real"] == sum(len(ds[i]["tokens"]) for i in range(4))
+    assert batch["n_real"] == sum(len(ds[i]["tokens"]) - 1 + N_IMAGE for i in range(4))
     assert batch["n_supervised"] == n_supervised
 
 
 def test_truncation_is_reported_and_keeps_the_masks(world, capsys):
     full = dataset(world, "v1")[0]
-    n_ids = len(full["tokens"]) - N_IMAGE + 1  # max_len counts the image as one token
-    cut = dataset(world, "v1", max_len=n_ids - 3)[0]
+    cut = dataset(world, "v1", max_len=len(full["tokens"]) - 3)[0]
     assert cut["truncated"] and not full["truncated"]
     assert torch.equal(cut["tokens"], full["tokens"][:-3]) and torch.equal(cut["labels"], full["labels"][:-3])
     assert "cut to max_len" in capsys.readouterr().err
@@ -114,7 +112,7 @@ def test_a_literal_image_tag_in_findings_is_text(world):
     records[0].reference = "Compare with <image> prior."
     for template in ("plain", "v1"):
         sample = TrainDataset(records, images, tokenizer, template, N_IMAGE, 28, 256)[0]
-        assert IMAGE_TOKEN_INDEX not in sample["tokens"].tolist()
+        assert sample["tokens"].tolist().count(IMAGE_TOKEN_INDEX) == 1
         expected = tokenizer.sp.encode("Compare with <image> prior.\n") if template == "plain" else \
             tokenizer.sp.encode(" Compare with <image> prior.")[1:] + [tokenizer.eos_id]  # the lone "▁" goes to the prompt
         assert supervised(sample) == expected, template
@@ -128,8 +126,8 @@ def test_max_len_counts_the_image_as_one_token_as_the_official_collator(world):
     ids, labels = tokenizer.encode_v1(records[1].question, records[1].reference)
     at, max_len = ids.index(IMAGE_TOKEN_INDEX), len(ids) - 2  # cuts the answer's last piece and </s>
     sample = dataset(world, "v1", max_len=max_len)[1]
-    assert sample["truncated"] and len(sample["tokens"]) == max_len - 1 + N_IMAGE
-    assert sample["tokens"].tolist()[at + N_IMAGE :] == ids[at + 1 : max_len]
+    assert sample["truncated"] and sample["tokens"].tolist() == ids[:max_len]
+    assert len(sample["labels"]) == max_len - 1 + N_IMAGE  # positions once the image is spliced in
     assert sample["labels"].tolist() == labels[:at] + [IGNORE_INDEX] * N_IMAGE + labels[at + 1 : max_len]
     assert len(supervised(sample)) == sum(l != IGNORE_INDEX for l in labels) - 2
     assert not dataset(world, "v1", max_len=len(ids))[1]["truncated"]

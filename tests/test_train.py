@@ -237,7 +237,7 @@ class Toy(nn.Module):
     def set_requires_gradient_sync(self, _: bool) -> None:
         pass
 
-    def forward(self, pixels, tokens, image_mask, labels):
+    def forward(self, pixels, ids, labels):
         keep = labels != IGNORE_INDEX
         return F.cross_entropy(self.w(pixels)[keep], labels[keep], reduction="sum")
 
@@ -249,7 +249,7 @@ def toy_micro_batches():
     for supervised in ([[1, 0, 0, 0], [1, 1, 0, 0]], [[1, 1, 1, 0], [1, 1, 0, 0]]):
         keep = torch.tensor(supervised, dtype=torch.bool)
         labels = torch.randint(0, 5, (2, 4), generator=g).masked_fill(~keep, IGNORE_INDEX)
-        micro.append({"pixels": torch.randn(2, 4, 3, generator=g), "tokens": None, "image_mask": None, "labels": labels,
+        micro.append({"pixels": torch.randn(2, 4, 3, generator=g), "ids": None, "labels": labels,
                       "n_supervised": int(keep.sum())})
     return micro
 
@@ -279,7 +279,7 @@ def test_loss_norm_micro_is_the_official_per_micro_batch_mean_and_global_the_tok
         return sum(F.cross_entropy(toy.w(b["pixels"]).flatten(0, 1), b["labels"].flatten()) / len(micro) for b in micro)
 
     def per_token(toy, micro):  # every supervised token of the step alike
-        return sum(toy(**{k: b[k] for k in ("pixels", "tokens", "image_mask", "labels")}) for b in micro) / 8
+        return sum(toy(**{k: b[k] for k in ("pixels", "ids", "labels")}) for b in micro) / 8
 
     torch.testing.assert_close(sgd_step(micro, "micro", 0.0), hand_gradient(micro, official), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(sgd_step(micro, "global", 0.0), hand_gradient(micro, per_token), rtol=1e-6, atol=1e-7)
@@ -294,7 +294,7 @@ def test_loss_norm_micro_is_the_official_per_micro_batch_mean_and_global_the_tok
 
 def test_grad_clip_zero_is_no_clipping_and_positive_clips_the_global_norm():
     micro = toy_micro_batches()
-    unclipped = hand_gradient(micro, lambda toy, micro: sum(toy(**{k: b[k] for k in ("pixels", "tokens", "image_mask", "labels")})
+    unclipped = hand_gradient(micro, lambda toy, micro: sum(toy(**{k: b[k] for k in ("pixels", "ids", "labels")})
                                                             for b in micro) / 8)
     torch.testing.assert_close(sgd_step(micro, "global", 0.0), unclipped, rtol=1e-6, atol=1e-7)
     clipped = sgd_step(micro, "global", 0.01)
