@@ -48,7 +48,8 @@ from llavarad.lora import lora_state_dict  # noqa: E402
 from llavarad.model import Projector  # noqa: E402
 from llavarad.parallel import parallelize  # noqa: E402
 from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from llavarad.train_loop import build_optimizer, flops_per_token, loss_weights, train_step  # noqa: E402
+from llavarad.train_loop import build_optimizer, loss_weights, train_step  # noqa: E402
+from llavarad.train_metrics import flops_per_token  # noqa: E402
 from llavarad.train_model import TrainModel, assemble, trainable_parameters  # noqa: E402
 from llavarad.vision import VisionConfig, VisionTower  # noqa: E402
 from llavarad.weights import ours_to_hf  # noqa: E402
