@@ -164,7 +164,11 @@ def checkpoint_to_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
             print0(f"no checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         return None
     path = checkpoints[-1]
-    refused, allowed = resume_changes(read_meta(path)["config"], cfg)
+    saved = read_meta(path).get("config")
+    if saved is None:
+        raise ValueError(f"{path}: saved without the run's settings (by an older llavarad), so a resume cannot check them; "
+                         "start a new run in another --output")
+    refused, allowed = resume_changes(saved, cfg)
     if refused:
         raise ValueError(f"{path}: --resume with changed settings that change the result: {'; '.join(refused)} "
                          f"(only {', '.join(resume_safe_fields())} may change)")

@@ -342,8 +342,9 @@ def test_resume_refuses_settings_that_change_the_result(small, capsys, tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
-def test_resume_with_other_shapes_is_one_error_line(small, capsys, tmp_path):
-    """Settings equal but the checkpoint's tensors of another shape (e.g. the base folder's files replaced)."""
+def test_resume_of_a_checkpoint_that_does_not_fit_is_one_error_line(small, capsys, tmp_path):
+    """Settings equal but the checkpoint's tensors of another shape (e.g. the base folder's files
+    replaced), or a checkpoint without its settings (written before they were saved)."""
     root, base, tower, data, images = small
     projector = tmp_path / "mm_projector.bin"
     torch.save({f"model.mm_projector.{k}": v for k, v in Projector(32, 64).state_dict().items()}, projector)
@@ -355,6 +356,10 @@ def test_resume_with_other_shapes_is_one_error_line(small, capsys, tmp_path):
     meta_path.write_text(json.dumps(meta))
     rc, err = run_main(small, capsys, tmp_path / "run", resume=True, lora_r=4, **lora)
     assert rc == 1 and "has shape (8, 64), this model's is (4, 64)" in err and "Traceback" not in err, err
+    del meta["config"]
+    meta_path.write_text(json.dumps(meta))
+    rc, err = run_main(small, capsys, tmp_path / "run", resume=True, **lora)
+    assert rc == 1 and "saved without the run's settings" in err and "Traceback" not in err, err
 
 
 def test_help_shows_each_fields_documentation_default_and_choices(capsys):
