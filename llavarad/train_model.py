@@ -4,8 +4,8 @@ with LoRA), and the summed next-token loss over the supervised positions.
 Precision ("bfloat16"): the frozen weights are stored in bf16 (a 7B decoder takes 13.5 GB, not 27),
 what trains (projector, LoRA) stays in float32 as the optimizer's master copy, and the forward runs
 under bf16 autocast (TrainModel.forward turns it on when the frozen weights are bf16), which casts
-the float32 weights for each matmul. "float32" keeps everything in
-float32 with no autocast (the CPU tests).
+the float32 weights for each matmul. "float32" keeps everything in float32 with no autocast (the
+CPU tests).
 """
 
 from pathlib import Path
