@@ -108,12 +108,11 @@ def gradient_relevance(tf: TeacherForcing, feats: Tensor) -> tuple[Tensor, Tenso
 
 
 @torch.no_grad()
-def rollout_relevance(tf: TeacherForcing, feats: Tensor) -> Tensor:
-    """Image features (1, N, dim) -> relevance (S, N) by attention rollout (Abnar & Zuidema 2020):
-    each layer's head-averaged attention with the residual as 0.5 identity, multiplied through the
-    layers; a sentence's relevance of a patch is what the positions predicting its tokens draw
-    from that image slot. The comparison the deletion test chose gradient x input over."""
-    llm, probs = tf.model.llm, []
+def attention_maps(tf: TeacherForcing, feats: Tensor) -> list[Tensor]:
+    """Each decoder layer's attention probabilities, averaged over heads, (T, T) per layer, for the
+    teacher-forced sequence: recomputed from every attention module's input during the forward,
+    since the fused attention kernels never form them."""
+    probs = []
 
     def keep_attention(attn, args, _out):
         x, cos, sin = args[:3]  # the block's normed input and the RoPE tables
@@ -124,12 +123,21 @@ def rollout_relevance(tf: TeacherForcing, feats: Tensor) -> Tensor:
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         probs.append(scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(1)[0])  # (T, T)
 
-    hooks = [layer.attn.register_forward_hook(keep_attention) for layer in llm.layers]
+    hooks = [layer.attn.register_forward_hook(keep_attention) for layer in tf.model.llm.layers]
     try:
         tf.logprobs(feats)
     finally:
         for hook in hooks:
             hook.remove()
+    return probs
+
+
+def rollout_relevance(tf: TeacherForcing, feats: Tensor) -> Tensor:
+    """Image features (1, N, dim) -> relevance (S, N) by attention rollout (Abnar & Zuidema 2020):
+    each layer's head-averaged attention with the residual as 0.5 identity, multiplied through the
+    layers; a sentence's relevance of a patch is what the positions predicting its tokens draw
+    from that image slot. The comparison the deletion test chose gradient x input over."""
+    probs = attention_maps(tf, feats)
     T = probs[0].shape[0]
     rollout = torch.eye(T, device=probs[0].device)
     for a in probs:  # first layer first: rollout = A_L ... A_1

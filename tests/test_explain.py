@@ -12,7 +12,7 @@ from _infer_fixtures import shared_tiny_release
 from PIL import Image
 from transformers import LlamaTokenizer
 
-from llavarad.explain import TeacherForcing, explain, gradient_relevance
+from llavarad.explain import TeacherForcing, attention_maps, explain, gradient_relevance
 from llavarad.faithfulness import deletion_drops
 from llavarad.images import preprocess
 from llavarad.llama import Llama
@@ -38,10 +38,11 @@ def tokenizer(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("sp"))
 
 
-def test_sentence_logprobs_equal_transformers(tmp_path_factory):
+def test_sentence_logprobs_and_attention_equal_transformers(tmp_path_factory):
     """Each sentence's teacher-forced log-probability == the sum of transformers' (peft model)
     log-probabilities over that sentence's tokens, with the tokens found by Hugging Face's
-    tokenizer on the text up to each sentence's end."""
+    tokenizer on the text up to each sentence's end; the attention maps rollout is built from
+    == transformers' eager attention probabilities, averaged over heads."""
     tiny = shared_tiny_release(tmp_path_factory)
     from llavarad.weights import load_llavarad
 
@@ -61,11 +62,16 @@ def test_sentence_logprobs_equal_transformers(tmp_path_factory):
     ends = [n_tokens(prompt)] + [n_tokens(prompt + " " + TEXT[:b]) for b in (43, 78, 95)]
     with torch.no_grad():
         embeds, _ = model.embed([tf.ids], feats)
-        logp = copy.deepcopy(tiny.peft_model).merge_and_unload()(inputs_embeds=embeds).logits[0].log_softmax(-1)
+        hf = copy.deepcopy(tiny.peft_model).merge_and_unload()(inputs_embeds=embeds, output_attentions=True)
+        logp = hf.logits[0].log_softmax(-1)
         full = torch.tensor(tf.ids[tf.ids.index(-200) + 1 :])
         seq = torch.cat([torch.zeros(tf.ids.index(-200) + n_image, dtype=torch.long), full])  # ids by position
         expected = [logp[a - 1 : b - 1].gather(-1, seq[a:b, None]).sum() for a, b in zip(ends, ends[1:])]
         torch.testing.assert_close(tf.logprobs(feats), torch.stack(expected), rtol=1e-5, atol=1e-4)
+    maps = attention_maps(tf, feats)
+    assert len(maps) == len(hf.attentions) == 2
+    for ours, theirs in zip(maps, hf.attentions):
+        torch.testing.assert_close(ours, theirs[0].mean(0), rtol=1e-4, atol=1e-6)
 
 
 def test_relevance_is_the_first_order_deletion_effect(tokenizer):
