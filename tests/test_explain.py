@@ -24,13 +24,7 @@ from llavarad.vision import VisionConfig, VisionTower
 TEXT = "Heart size is normal, e.g. no cardiomegaly. Nodule of 1.5 cm at the left base. No pneumothorax."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread is 20x faster than two on a shared 2-core machine (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

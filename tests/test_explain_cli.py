@@ -11,6 +11,7 @@ import infer
 from llavarad.sentences import split_sentences
 
 NEW = 24
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
