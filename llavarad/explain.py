@@ -32,14 +32,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from llavarad.errors import reason
+from llavarad.errors import first_line
 from llavarad.images import load_image, preprocess
 from llavarad.llama import apply_rope
-from llavarad.model import LlavaRad
+from llavarad.model import LlavaRad, image_position
 from llavarad.overlay import crop_box, render
 from llavarad.records import Record
 from llavarad.sentences import split_sentences
-from llavarad.tokenizer import IMAGE_TOKEN_INDEX, Tokenizer, build_prompt, build_question
+from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"
 
@@ -61,7 +61,7 @@ class TeacherForcing:
         ends = [len(tokenizer.sp.decode(answer[: k + 1])) for k in range(len(answer))]
         self.spans = split_sentences(self.text)  # characters
         self.token_spans = _tokens_per_sentence(ends, [b for _, b in self.spans], len(prompt))  # ids indices
-        self.image_at = self.ids.index(IMAGE_TOKEN_INDEX)
+        self.image_at = image_position(self.ids)
 
     def sentences(self) -> list[str]:
         return [self.text[a:b] for a, b in self.spans]
@@ -69,7 +69,7 @@ class TeacherForcing:
     def logprobs(self, feats: Tensor) -> Tensor:
         """Projected image features (1, N, dim) -> each sentence's summed log-probability (S,), float32 or wider."""
         device = self.model.llm.lm_head.weight.device
-        embeds, _ = self.model.embed([self.ids], feats)  # (1, T, dim)
+        embeds = self.model.embed([self.ids], feats)[0][None]  # (1, T, dim)
         pos = torch.arange(embeds.shape[1], device=device)[None]  # (1, T)
         h = self.model.llm(embeds, pos)[0]  # (T, dim)
         shift = feats.shape[1] - 1  # ids index j > image -> sequence position j + shift
@@ -207,7 +207,7 @@ def make_folder(path: str | Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"{path}: cannot create the heatmap folder ({reason(e)})") from None
+        raise ValueError(f"{path}: cannot create the heatmap folder ({first_line(e)})") from None
     return folder
 
 

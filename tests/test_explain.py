@@ -55,7 +55,7 @@ def test_sentence_logprobs_and_attention_equal_transformers(tmp_path_factory):
 
     ends = [n_tokens(prompt)] + [n_tokens(prompt + " " + TEXT[:b]) for b in (43, 78, 95)]
     with torch.no_grad():
-        embeds, _ = model.embed([tf.ids], feats)
+        embeds = model.embed([tf.ids], feats)[0][None]
         hf = copy.deepcopy(tiny.peft_model).merge_and_unload()(inputs_embeds=embeds, output_attentions=True)
         logp = hf.logits[0].log_softmax(-1)
         full = torch.tensor(tf.ids[tf.ids.index(-200) + 1 :])
