@@ -214,6 +214,7 @@ def make_folder(path: str | Path) -> Path:
 def write_explanation(expl: Explanation, folder: Path, stem: str) -> Path:
     """<stem>_1.png ... one overlay per sentence, then <stem>.json (written last, by rename: its
     presence means the report is done)."""
+    folder.mkdir(parents=True, exist_ok=True)
     names = []
     for k, s in enumerate(expl.sentences, start=1):
         names.append(f"{stem}_{k}.png")
