@@ -1,6 +1,6 @@
 """Heatmaps on the CPU: the deletion curve that chose the relevance method, and what `--explain` costs.
 
-    PYTHONPATH=.:tests python bench/explain_bench.py                 # about 20 s of CPU
+    PYTHONPATH=.:tests python bench/explain_bench.py                 # about 10 s of CPU
     PYTHONPATH=.:tests python bench/explain_bench.py --seeds 1 --images 1   # seconds
 
 Tiny random models (tests/_explain_fixtures.py: an 8 x 8 patch grid, the 2-layer tiny decoder, the
