@@ -105,6 +105,16 @@ def test_empty_and_whitespace_findings_are_kept_as_the_official_code_keeps_them(
     assert whitespace == tokenizer.encode_prompt(build_prompt(records[1].question) + "    </s>")[len(prompt) :]
 
 
+def test_records_without_findings_are_skipped_with_a_message(tmp_path, capsys):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"id": "a", "image": "a.png", "reference": ""}\n{"id": "b", "image": "b.png"}\n')
+    assert [r.id for r in load_train_records(path, "default")] == ["a"]
+    assert "skipped 1 records without findings (e.g. id b)" in capsys.readouterr().err
+    path.write_text('{"id": "b", "image": "b.png"}\n')
+    with pytest.raises(ValueError, match="no record with findings"):
+        load_train_records(path, "default")
+
+
 def test_a_literal_image_tag_in_findings_is_text(world):
     """Only the template's image becomes the image; the official code would hand a second -200 to the embedding."""
     root, data, images, tokenizer = world
