@@ -22,6 +22,7 @@ sentence (the forward is shared), after generation, only when asked.
 """
 
 import bisect
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -196,9 +197,13 @@ def explain_question(model: LlavaRad, tokenizer: Tokenizer, image: Image.Image, 
     return out
 
 
-def file_stem(name: str) -> str:
-    """A record id or image name -> a safe file-name stem."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report"
+def file_stem(name: object) -> str:
+    """A record id or image name -> a safe file-name stem. A name that had to be changed gets a
+    short hash of the original, so ids that differ only in unsafe characters ("a/b", "a_b") never
+    share a file."""
+    name = str(name)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report"
+    return stem if stem == name else f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def make_folder(path: str | Path) -> Path:

@@ -77,3 +77,13 @@ def test_bad_explain_path(setup, tmp_path, capsys):
     assert infer.main([str(tmp / "images" / images[0]), *model_args(tiny), "--explain", str(blocker / "maps")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {blocker / 'maps'}: cannot create the heatmap folder") and err.count("\n") == 1
+
+
+def test_file_stems_of_distinct_ids_are_distinct():
+    from llavarad.explain import file_stem
+
+    ids = ["a/b", "a_b", "a b", "../a_b", 7, "7", "s50414267"]
+    stems = [file_stem(i) for i in ids]
+    assert file_stem("s50414267") == "s50414267" and file_stem("a_b") == "a_b"  # safe names unchanged
+    assert all("/" not in s and not s.startswith(".") for s in stems)
+    assert len(set(stems)) == len(ids) - 1  # 7 and "7" name the same file; JSON keeps them distinct ids
