@@ -1,6 +1,6 @@
 """Write the Findings section for chest X-rays: one image, or every query of a query file.
 
-    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO]
+    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR]
     python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
     torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
@@ -9,6 +9,7 @@ JSON or a JSONL of {"id", "image", "reason"?, "reference"?}): one JSON line per 
 ({"id", "query", "reference", "prediction"}, or "error" for an unreadable image or a prompt over
 the decoder's context), appended as reports finish; rerunning the same command skips the ids
 already predicted. Logs go to stderr.
+--explain DIR also writes, per report, one heatmap overlay per sentence and a JSON of the maps.
 
 Exit codes: 0 done; 1 bad input (one "error: ..." line); 2 bad arguments; 3 (query file) the run
 finished but some records failed: their "error" records are in --output, a rerun retries them.
@@ -23,9 +24,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llavarad.batch_infer import predicted_ids, run_queries
+from llavarad.batch_infer import predicted_ids, read_results, run_queries
 from llavarad.config import TOWER_CKPT, TOWER_JSON
-from llavarad.dist import close_distributed, init_distributed, print0
+from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
+from llavarad.explain import explain, explain_predictions, file_stem, make_folder, write_explanation
 from llavarad.generate import greedy_generate
 from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad, context_overflow
@@ -53,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="most tokens per report; the prompt plus these must fit the decoder's context (default: %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, this rank's GPU under torchrun, when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--explain", metavar="DIR", help="write per-sentence heatmaps over the image (PNG) and their grids (JSON) to DIR")
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
     q.add_argument("--image-folder", help="root of the records' image paths (default: the query file's folder)")
@@ -135,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.query_file:
             return run_batch(args, rank, world, device, dtype)
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
+        heatmaps = make_folder(args.explain) if args.explain else None
         model, tokenizer = load(args, device, dtype)
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
+        print(text, flush=True)
+        if heatmaps:
+            expl = explain(model, tokenizer, image, args.reason, text)
+            write_explanation(expl, heatmaps, file_stem(Path(args.image).stem))
     except (OSError, ValueError) as e:  # OSError: a missing file, an unwritable output...
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         close_distributed()
-    print(text)
     return 0
 
 
@@ -157,6 +164,7 @@ def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     records = load_records(args.query_file, args.loader)[: args.limit]  # fail on a bad query file first
     predicted_ids(Path(args.output))  # and on an output that is not a predictions file
     folder = Path(args.image_folder) if args.image_folder else Path(args.query_file).parent
+    heatmaps = make_folder(args.explain) if args.explain else None
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
     model, tokenizer = load(args, device, dtype)
     s = run_queries(
@@ -167,6 +175,11 @@ def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     rate = s.predicted / s.seconds if s.seconds else 0.0
     print0(f"done: {s.predicted} predicted, {s.skipped} skipped (already in {args.output}), {s.failed} failed; "
            f"{s.seconds:.1f}s ({rate:.2f} reports/s)", file=sys.stderr)
+    if heatmaps:
+        barrier()  # rank 0 has merged the predictions
+        predictions = {r["id"]: r["prediction"] for r in read_results(Path(args.output)) if "prediction" in r}
+        n = sum_across_ranks([explain_predictions(model, tokenizer, records, folder, predictions, heatmaps, rank, world)])[0]
+        print0(f"explained {n} reports in {heatmaps}", file=sys.stderr)
     if s.failed:
         print0(f"error: {s.failed} records failed; their error records are in {args.output}, and a rerun retries them "
                f"(exit code {FAILED_RECORDS})", file=sys.stderr)
