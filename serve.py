@@ -72,18 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         model, tokenizer = infer.load(args, device, dtype)
-    except (OSError, ValueError) as e:
+        n_patches = model.tower.num_patches
+        config = ServeConfig(
+            served_name=args.served_name, api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
+            max_image_bytes=int(args.max_image_mb * 2**20), max_pixels=args.max_image_pixels,
+            max_len=n_patches + args.max_text_tokens + args.max_new_tokens,
+        )
+        metrics = Metrics()
+        scheduler = Scheduler(model, tokenizer.eos_id, args.batch_size, config.max_len, args.max_queue, metrics,
+                              cuda_graph=device.type == "cuda" if args.cuda_graph is None else args.cuda_graph, compile=args.compile)
+    except (OSError, ValueError) as e:  # a missing or broken checkpoint, --cuda-graph without CUDA
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n_patches = model.tower.num_patches
-    config = ServeConfig(
-        served_name=args.served_name, api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
-        max_image_bytes=int(args.max_image_mb * 2**20), max_pixels=args.max_image_pixels,
-        max_len=n_patches + args.max_text_tokens + args.max_new_tokens,
-    )
-    metrics = Metrics()
-    scheduler = Scheduler(model, tokenizer.eos_id, args.batch_size, config.max_len, args.max_queue, metrics,
-                          cuda_graph=device.type == "cuda" if args.cuda_graph is None else args.cuda_graph, compile=args.compile)
     server = Server(scheduler, tokenizer, model.tower.cfg.image_size, n_patches, config, metrics)
     host, port = sock.getsockname()[:2]
     print(f"serving {args.served_name} on http://{host if ':' not in host else f'[{host}]'}:{port}"

@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from llavarad.errors import reason
@@ -99,6 +99,9 @@ def _decode(file: BinaryIO, name: str, suffix: str, formats: tuple[str, ...] | N
             values = np.asarray(image)  # (H, W) uint16, int32 or float32
     except TooManyPixels:
         raise
+    except UnidentifiedImageError:  # its message names the file object, not the file
+        what = "not a PNG, JPEG or DICOM file" if formats else "not an image file PIL can read"
+        raise ValueError(f"{name}: cannot read image ({what})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: cannot read image ({reason(e)})") from None
     return Image.fromarray(_minmax_to_uint8(values, name)).convert("RGB")

@@ -33,18 +33,26 @@ function readAsDataUrl(file) {
   });
 }
 
-async function showPreview(file) {
-  const img = $("preview");
-  const isDicom = /\.dcm$/i.test(file.name) || file.type === "application/dicom";
-  if (!isDicom && /^image\/(png|jpeg)$/.test(file.type)) {
-    img.src = URL.createObjectURL(file);
-  } else { // browsers cannot show DICOM: the server renders what the model will see
-    const response = await fetch("/v1/preview", { method: "POST", headers: apiHeaders({ "Content-Type": "application/octet-stream" }), body: file });
-    if (!response.ok) { img.hidden = true; $("drop-hint").hidden = false; showError(await errorMessage(response)); return; }
-    img.src = URL.createObjectURL(await response.blob());
-  }
-  img.hidden = false;
+function showPicture(url) {
+  $("preview").src = url;
+  $("preview").hidden = false;
   $("drop-hint").hidden = true;
+}
+
+// Browsers cannot show DICOM: the server renders what the model will see (or says why it cannot).
+async function serverPreview(file) {
+  $("preview").hidden = true;
+  $("drop-hint").hidden = false;
+  const response = await fetch("/v1/preview", { method: "POST", headers: apiHeaders({ "Content-Type": "application/octet-stream" }), body: file });
+  if (!response.ok) { showError(await errorMessage(response)); return; }
+  showPicture(URL.createObjectURL(await response.blob()));
+}
+
+function showPreview(file) {
+  const isDicom = /\.dcm$/i.test(file.name) || file.type === "application/dicom";
+  if (isDicom || !/^image\/(png|jpeg)$/.test(file.type)) return serverPreview(file);
+  $("preview").onerror = () => serverPreview(file); // a broken PNG or JPEG: let the server say what is wrong
+  showPicture(URL.createObjectURL(file));
 }
 
 async function pick(file) {
