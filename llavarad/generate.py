@@ -1,5 +1,5 @@
-"""KV-cached decoding: prefill() right-padded prompts into cache rows, then decode_step() one token
-at a time, with continuous batching over a stream of prompts.
+"""KV-cached decoding: prefill() prompts (right-padded there, where the batch forms) into cache rows,
+then decode_step() one token at a time, with continuous batching over a stream of prompts.
 
 Rows of different prompt lengths share one cache: row b's prompt fills slots 0..len_b-1, and its
 t-th new token goes to slot len_b + t (see llama.py), so no row ever attends to another row's
@@ -14,7 +14,8 @@ greedy and sampled prompts share a batch. Two ways to drive it:
   - `add(prompts)` / `step()` / `cancel(key)`: prompts arrive whenever, every token is handed out
     as it is made, and a row can be dropped mid-report (the server's decode loop).
 The decode step always runs on the whole batch, so its shapes never change and it can be recorded
-once as a CUDA graph (optionally after torch.compile). Rows left idle sit at position 0: with
+once as a CUDA graph (optionally after torch.compile). Each BatchGenerator makes its own cache and
+passes it into every model call, so generators over one model never share state. Rows left idle sit at position 0: with
 flash-attn they read one cache slot; their share of the weight reads, which dominate a decode
 step, is free.
 """
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llavarad.llama import Llama
+from llavarad.llama import KVCache, Llama
 from llavarad.sampling import choose
 
 
@@ -70,20 +71,27 @@ def _next(logits: Tensor, sampling: RowSampling | None, counter: Tensor) -> Tens
 
 
 @torch.no_grad()
-def prefill(llm: Llama, embeds: Tensor, lengths: Tensor, rows: Tensor | None = None, sampling: RowSampling | None = None) -> Tensor:
-    """Fill cache rows `rows` (B,) (default 0..B-1) with prompts (B, T, dim) of true lengths (B,)
-    -> first tokens (B,) (greedy without `sampling`)."""
-    B, T, _ = embeds.shape
-    pos = torch.arange(T, device=embeds.device).expand(B, T)  # (B, T)
-    h = llm(embeds, pos, use_cache=True, rows=rows)  # (B, T, dim)
+def prefill(llm: Llama, cache: list[KVCache], embeds: list[Tensor], rows: Tensor | None = None, sampling: RowSampling | None = None) -> Tensor:
+    """Fill rows `rows` (B,) (default 0..B-1) of `cache` with prompts (T_b, dim) -> first tokens (B,)
+    (greedy without `sampling`).
+
+    This is where a batch forms, so this is where the prompts are right-padded: causal attention
+    never lets a real token see a pad, and decoding overwrites the pad slots before they are visible."""
+    lengths = torch.tensor([e.shape[0] for e in embeds], device=embeds[0].device)  # (B,)
+    B, T = len(embeds), int(lengths.max())
+    x = embeds[0].new_zeros(B, T, embeds[0].shape[-1])  # (B, T, dim)
+    for b, e in enumerate(embeds):
+        x[b, : e.shape[0]] = e
+    pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+    h = llm(x, pos, "prefill", cache, rows)  # (B, T, dim)
     last = h[torch.arange(B, device=h.device), lengths - 1]  # (B, dim)
     return _next(llm.lm_head(last), sampling, lengths)
 
 
 @torch.no_grad()
-def decode_step(llm: Llama, tokens: Tensor, pos: Tensor, sampling: RowSampling | None = None) -> Tensor:
-    """Tokens (B,) at positions (B,) -> next tokens (B,) (greedy without `sampling`)."""
-    h = llm(llm.embed_tokens(tokens)[:, None], pos[:, None], use_cache=True)  # (B, 1, dim)
+def decode_step(llm: Llama, cache: list[KVCache], tokens: Tensor, pos: Tensor, sampling: RowSampling | None = None) -> Tensor:
+    """Tokens (B,) at positions (B,), one per row of `cache` -> next tokens (B,) (greedy without `sampling`)."""
+    h = llm(llm.embed_tokens(tokens)[:, None], pos[:, None], "decode", cache)  # (B, 1, dim)
     return _next(llm.lm_head(h[:, 0]), sampling, pos + 1)
 
 
@@ -95,8 +103,8 @@ def _row_sampling(batch: int, device: torch.device) -> RowSampling:
 class CUDAGraphStep:
     """A decode step recorded once as a CUDA graph, then replayed: one launch instead of a dozen
     kernels per layer, which at batch 1 is most of a step's time. The graph owns its input and
-    output tensors (same addresses at every replay); the cache it writes is the one installed
-    when it was recorded."""
+    output tensors (same addresses at every replay), and it reads and writes the cache tensors that
+    `step` used when it was recorded: the generator's own cache, made once and never replaced."""
 
     def __init__(self, step: Step, batch: int, device: torch.device):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -133,11 +141,10 @@ class BatchGenerator:
         self.device = llm.lm_head.weight.device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
-        llm.setup_cache(batch_size, max_len)
-        self.caches = [layer.attn.cache for layer in llm.layers]
+        self.cache = cache = llm.new_cache(batch_size, max_len)  # this generator's alone: passed into every call
 
         def step(tokens: Tensor, pos: Tensor, sampling: RowSampling) -> Tensor:
-            return decode_step(llm, tokens, pos, sampling)
+            return decode_step(llm, cache, tokens, pos, sampling)
 
         if compile:
             step = torch.compile(step, dynamic=False)
@@ -168,19 +175,14 @@ class BatchGenerator:
             if p.embeds.shape[0] + p.max_new_tokens - 1 > self.max_len:
                 raise ValueError(f"a prompt of {p.embeds.shape[0]} tokens + {p.max_new_tokens} new tokens "
                                  f"does not fit the cache of {self.max_len} slots")
-        for layer, cache in zip(self.llm.layers, self.caches):  # another generator may have replaced them
-            layer.attn.cache = cache
         rows = free[: len(prompts)]
         rows_t = torch.tensor(rows, device=self.device)
         self.sampling.temperature[rows_t] = torch.tensor([p.sampling.temperature for p in prompts], device=self.device)
         self.sampling.top_p[rows_t] = torch.tensor([p.sampling.top_p for p in prompts], device=self.device)
         self.sampling.seed[rows_t] = torch.tensor([p.sampling.seed for p in prompts], dtype=torch.long, device=self.device)
-        lengths = torch.tensor([p.embeds.shape[0] for p in prompts], device=self.device)
-        x = prompts[0].embeds.new_zeros(len(prompts), int(lengths.max()), prompts[0].embeds.shape[-1])  # (k, T, dim)
-        for j, p in enumerate(prompts):
-            x[j, : p.embeds.shape[0]] = p.embeds
-        first = prefill(self.llm, x, lengths, rows_t, RowSampling(*(field[rows_t] for field in self.sampling)))
-        self.tokens[rows_t], self.pos[rows_t] = first, lengths
+        first = prefill(self.llm, self.cache, [p.embeds for p in prompts], rows_t, RowSampling(*(field[rows_t] for field in self.sampling)))
+        self.tokens[rows_t] = first
+        self.pos[rows_t] = torch.tensor([p.embeds.shape[0] for p in prompts], device=self.device)
         for r, p in zip(rows, prompts):
             self.keys[r], self.made[r], self.limits[r] = p.key, 0, p.max_new_tokens
         return [self._emit(r, t) for r, t in zip(rows, first.tolist())]
@@ -234,10 +236,10 @@ class BatchGenerator:
 
 
 @torch.no_grad()
-def greedy_generate(llm: Llama, embeds: Tensor, lengths: Tensor, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Greedy decoding of one right-padded batch (B, T, dim) of true lengths (B,) until every row
-    has produced EOS or max_new_tokens tokens. Returns each row's new tokens, EOS excluded."""
-    B, T, _ = embeds.shape
-    gen = BatchGenerator(llm, B, T + max_new_tokens, eos_id)
-    done = dict(gen.run(((b, embeds[b, : int(lengths[b])]) for b in range(B)), max_new_tokens))
-    return [done[b] for b in range(B)]
+def greedy_generate(llm: Llama, embeds: list[Tensor], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    """Greedy decoding of prompts (T_b, dim), all in one batch, until every row has produced EOS or
+    max_new_tokens tokens. Returns each row's new tokens, EOS excluded."""
+    T = max(e.shape[0] for e in embeds)
+    gen = BatchGenerator(llm, len(embeds), T + max_new_tokens, eos_id)
+    done = dict(gen.run(enumerate(embeds), max_new_tokens))
+    return [done[b] for b in range(len(embeds))]

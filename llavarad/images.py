@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from llavarad.errors import reason
+from llavarad.errors import first_line
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,7 +73,7 @@ def _load_dicom(file: BinaryIO, name: str, max_pixels: int | None) -> Image.Imag
     except TooManyPixels:
         raise
     except Exception as e:  # pydicom raises many types (bad header, no pixel data, missing codec)
-        raise ValueError(f"{name}: cannot read image ({reason(e)})") from None
+        raise ValueError(f"{name}: cannot read image ({first_line(e)})") from None
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or pixels.ndim != 2:
         raise ValueError(
@@ -103,7 +103,7 @@ def _decode(file: BinaryIO, name: str, suffix: str, formats: tuple[str, ...] | N
         what = "not a PNG, JPEG or DICOM file" if formats else "not an image file PIL can read"
         raise ValueError(f"{name}: cannot read image ({what})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{name}: cannot read image ({reason(e)})") from None
+        raise ValueError(f"{name}: cannot read image ({first_line(e)})") from None
     return Image.fromarray(_minmax_to_uint8(values, name)).convert("RGB")
 
 

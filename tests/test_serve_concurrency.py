@@ -11,8 +11,8 @@ import torch
 from _infer_fixtures import shared_tiny_release, write_images
 from _serve_fixtures import NEW, chat_body, shared_server, sse_text
 
+from infer import describe
 from llavarad.images import load_image
-from llavarad.pipeline import describe
 from llavarad.weights import load_llavarad
 
 CLIENTS = 24

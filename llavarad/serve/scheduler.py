@@ -118,8 +118,8 @@ class Scheduler:
         """Encode the jobs' images in one batch and prefill them into free rows."""
         device = self.model.llm.lm_head.weight.device
         feats = self.model.encode_images(torch.stack([j.pixels for j in jobs]).to(device))  # (k, N, dim)
-        embeds, lengths = self.model.embed([j.prompt for j in jobs], feats)  # (k, T, dim), (k,)
-        prompts = [Prompt(j.key, embeds[i, :n], j.max_tokens, j.sampling) for i, (j, n) in enumerate(zip(jobs, lengths.tolist()))]
+        embeds = self.model.embed([j.prompt for j in jobs], feats)  # k x (T_j, dim)
+        prompts = [Prompt(j.key, e, j.max_tokens, j.sampling) for j, e in zip(jobs, embeds)]
         live.update((j.key, j) for j in jobs)
         return self.generator.add(prompts)
 
