@@ -7,7 +7,6 @@ and exits 0."""
 import base64
 import socket
 import struct
-import threading
 import time
 import zlib
 
@@ -96,6 +95,7 @@ def bad_requests(image) -> dict[str, tuple[dict | bytes, int]]:
         "top_p 0": ({**ok, "top_p": 0}, 400),
         "top_p over 1": ({**ok, "top_p": 1.5}, 400),
         "unknown model": ({**ok, "model": "gpt-4o"}, 404),
+        "reason too long for a cache row": (chat_body(image, "Cough. " * 400), 400),
     }
 
 
@@ -118,6 +118,7 @@ def test_messages_name_the_problem(server, image):
     assert "over the limit of 1000000 pixels" in message("decompression bomb")
     assert "cannot read image" in message("truncated png")
     assert f"limit of {LONG}" in message("max_tokens over the cap")
+    assert "shorten the reason for exam" in message("reason too long for a cache row")
 
 
 def test_body_over_the_limit_by_its_header_gets_413_at_once(server):
@@ -151,18 +152,22 @@ def stream_first_chunk(server, body: dict):
     return client, response, lines
 
 
-def test_full_queue_gets_429_with_retry_after(server, image):
+def test_full_queue_gets_429_and_a_client_that_leaves_the_queue_never_runs(server, image):
     body = chat_body(image, "Cough.", max_tokens=LONG)
-    first = stream_first_chunk(server, body)  # holds the only row
-    waiting = threading.Thread(target=lambda: httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json={**body, "max_tokens": 2}, timeout=60))
-    waiting.start()
+    started = metric(server, "llavarad_time_to_first_token_seconds_count")  # jobs that got a row
+    running = stream_first_chunk(server, body)  # holds the only row
+    queued = httpx.Client(timeout=60)
+    queued_response = queued.send(queued.build_request("POST", server.url + "/v1/chat/completions", headers=AUTH, json={**body, "stream": True}), stream=True)
     wait_for(lambda: metric(server, "llavarad_queue_length") == 1)
     r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=60)
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
-    first[1].close()
-    first[0].close()
-    waiting.join(60)
+    queued_response.close()  # leaves while waiting
+    queued.close()
+    running[1].close()
+    running[0].close()
     wait_for(lambda: metric(server, "llavarad_queue_length") == 0 and metric(server, "llavarad_active_rows") == 0)
+    time.sleep(0.5)  # time enough for the loop to have started the queued job, had it not skipped it
+    assert metric(server, "llavarad_time_to_first_token_seconds_count") == started + 1
 
 
 def test_client_that_leaves_mid_stream_frees_its_row(server, image):

@@ -37,6 +37,7 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
     key: int = field(default_factory=itertools.count().__next__)
     first_token: float | None = None
+    cancelled: bool = False  # set by cancel(): a job still waiting is skipped, a running one loses its row
 
 
 class Scheduler:
@@ -67,6 +68,7 @@ class Scheduler:
 
     def cancel(self, job: Job) -> None:
         """Free the job's row (or skip it in the queue); safe to call for a finished job."""
+        job.cancelled = True
         self.cancelled.put(job)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -76,29 +78,26 @@ class Scheduler:
 
     def _loop(self) -> None:
         live: dict[int, Job] = {}
-        dropped: set[int] = set()
         try:
             while not self.stopping.is_set():
                 while not self.cancelled.empty():
                     job = self.cancelled.get()
-                    dropped.add(job.key)
                     if live.pop(job.key, None) is not None:
                         self.generator.cancel(job.key)
-                new = self._take(self.generator.free_rows(), block=not live, dropped=dropped)
+                new = self._take(self.generator.free_rows(), block=not live)
                 tokens = self._admit(new, live) if new else []
                 if live:
                     tokens += self.generator.step()
                 self._hand_out(tokens, live)
-                dropped.intersection_update(live)  # a cancel that came after the job ended is no longer needed
         except BaseException as e:  # the model failed: every request in flight gets the error
             self.failure = e
             print(f"error: decode loop stopped: {type(e).__name__}: {e}", file=sys.stderr)
         error = self.failure or RuntimeError("the server is shutting down")
-        for job in [*live.values(), *self._take(self.waiting.qsize(), block=False, dropped=dropped)]:
+        for job in [*live.values(), *self._take(self.waiting.qsize(), block=False)]:
             job.deliver(error)
         self.metrics.active.set(0)
 
-    def _take(self, n: int, block: bool, dropped: set[int]) -> list[Job]:
+    def _take(self, n: int, block: bool) -> list[Job]:
         """Up to n waiting jobs that were not cancelled; waits a little for the first one when idle."""
         jobs = []
         while len(jobs) < n:
@@ -106,22 +105,19 @@ class Scheduler:
                 job = self.waiting.get(timeout=0.05) if block and not jobs else self.waiting.get_nowait()
             except queue.Empty:
                 break
-            if job.key in dropped:
-                dropped.discard(job.key)
-                continue
-            jobs.append(job)
+            if not job.cancelled:
+                jobs.append(job)
         self.metrics.queue.set(self.waiting.qsize())
         return jobs
 
     @torch.no_grad()
     def _admit(self, jobs: list[Job], live: dict[int, Job]) -> list[Token]:
         """Encode the jobs' images in one batch and prefill them into free rows."""
+        live.update((j.key, j) for j in jobs)  # first: if the model fails below, these jobs get the error too
         device = self.model.llm.lm_head.weight.device
         feats = self.model.encode_images(torch.stack([j.pixels for j in jobs]).to(device))  # (k, N, dim)
         embeds = self.model.embed([j.prompt for j in jobs], feats)  # k x (T_j, dim)
-        prompts = [Prompt(j.key, e, j.max_tokens, j.sampling) for j, e in zip(jobs, embeds)]
-        live.update((j.key, j) for j in jobs)
-        return self.generator.add(prompts)
+        return self.generator.add([Prompt(j.key, e, j.max_tokens, j.sampling) for j, e in zip(jobs, embeds)])
 
     def _hand_out(self, tokens: list[Token], live: dict[int, Job]) -> None:
         now = time.monotonic()
