@@ -8,28 +8,13 @@ import numpy as np
 import pytest
 import torch
 from _infer_fixtures import shared_tiny_release, write_images
-from _llama_fixtures import tiny_hf_llama, write_base
 from scipy import stats
+from test_engine_batching import LENGTHS, NEW, models  # noqa: F401  (models: prompts and transformers' greedy tokens)
 
 from llavarad.generate import BatchGenerator, Prompt, RowSampling, Sampling, decode_step, prefill
 from llavarad.images import load_image, preprocess
 from llavarad.tokenizer import build_prompt, build_question
-from llavarad.weights import load_llavarad, load_llm
-
-LENGTHS = [9, 3, 14, 6, 11]
-NEW = 10
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    hf = tiny_hf_llama()
-    llm = load_llm(write_base(hf, tmp_path_factory.mktemp("base")), torch.float32, "cpu")
-    g = torch.Generator().manual_seed(9)
-    prompts = [torch.randint(3, 128, (n,), generator=g) for n in LENGTHS]
-    with torch.no_grad():
-        greedy = [hf.generate(p[None], max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-                  for p in prompts]
-    return llm, prompts, greedy
+from llavarad.weights import load_llavarad
 
 
 def tokens_by_key(made: list) -> dict:
@@ -55,19 +40,19 @@ def drive(gen: BatchGenerator, schedule: list[list[Prompt]]) -> dict:
 
 
 def test_greedy_rows_keep_transformers_tokens_beside_sampled_rows(models):
-    llm, prompts, greedy = models
+    llm, prompts, greedy, _ = models
     gen = BatchGenerator(llm, 4, max(LENGTHS) + NEW, eos_id=-1)
     embed = llm.embed_tokens
     sampled = [Prompt(f"s{i}", embed(prompts[i]), NEW, Sampling(1.2, 0.9, seed=i)) for i in range(2)]
     plain = [Prompt(i, embed(p), NEW) for i, p in enumerate(prompts)]
     with torch.no_grad():
-        got = drive(gen, [[plain[0], sampled[0]], [plain[1], sampled[1]], [], [plain[2]], [plain[3]], [], [], [plain[4]]])
+        got = drive(gen, [[plain[0], sampled[0]], [plain[1], sampled[1]], [], [plain[2]], [plain[3]], [], [], [plain[4], plain[5]], [plain[6]]])
     assert {i: got[i] for i in range(len(prompts))} == dict(enumerate(greedy))
     assert got["s0"] != greedy[0]  # the sampled rows did sample
 
 
 def test_a_seeded_row_does_not_depend_on_its_batch_or_arrival(models):
-    llm, prompts, _ = models
+    llm, prompts, _, _ = models
     embed = llm.embed_tokens
     me = Prompt("me", embed(prompts[2]), NEW, Sampling(0.9, 0.95, seed=2024))
     with torch.no_grad():
@@ -81,7 +66,7 @@ def test_a_seeded_row_does_not_depend_on_its_batch_or_arrival(models):
 
 
 def test_cancel_frees_the_row_for_the_next_prompt(models):
-    llm, prompts, greedy = models
+    llm, prompts, greedy, _ = models
     embed = llm.embed_tokens
     gen = BatchGenerator(llm, 2, max(LENGTHS) + NEW, eos_id=-1)
     with torch.no_grad():
@@ -101,7 +86,7 @@ def test_cancel_frees_the_row_for_the_next_prompt(models):
 
 
 def test_each_row_stops_at_its_own_max_new_tokens(models):
-    llm, prompts, greedy = models
+    llm, prompts, greedy, _ = models
     gen = BatchGenerator(llm, 3, max(LENGTHS) + NEW, eos_id=-1)
     with torch.no_grad():
         made = gen.add([Prompt(i, llm.embed_tokens(prompts[i]), n) for i, n in enumerate([1, 4, NEW])])
@@ -114,7 +99,7 @@ def test_each_row_stops_at_its_own_max_new_tokens(models):
 
 
 def test_sampled_decode_step_compiles_without_graph_breaks(models):
-    llm, prompts, _ = models
+    llm, prompts, _, _ = models
     cache = llm.new_cache(2, 32)
     rows = RowSampling(torch.tensor([0.0, 0.8]), torch.tensor([1.0, 0.9]), torch.tensor([1, 2]))
     with torch.no_grad():
