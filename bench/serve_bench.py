@@ -18,7 +18,7 @@ Per load: requests/s, time to first token (request sent -> first content chunk) 
 latency (gaps between content chunks) p50/p99. Every request is greedy, so the server's texts must equal
 infer.py's: a difference is reported as MISMATCH. Goals on a GPU: at concurrency 32, at least 90% of the
 offline reports/s; at concurrency 1, time to first token within 1.5x of one prefill.
---tiny: CPU, float32, 4 rows, 8 tokens, concurrency 1 and 4, 16 requests, no image workers: checks the script, not the speed.
+--tiny: CPU, float32, 4 rows, 8 tokens, concurrency 1 and 4, 8 requests, no image workers: checks the script, not the speed.
 """
 
 import argparse
@@ -64,10 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="default: cuda when available")
     p.add_argument("--workers", type=int, default=4, help="infer.py's image-decoding workers")
     p.add_argument("--json", help="write the rows and checks here")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test: 4 rows, 8 tokens, 16 requests, concurrency 1,4")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: 4 rows, 8 tokens, 8 requests, concurrency 1,4")
     args = p.parse_args(argv)
     if args.tiny:
-        args.batch_size, args.max_tokens, args.requests, args.concurrency, args.rate, args.device, args.workers = 4, 8, 16, "1,4", 20.0, "cpu", 0
+        args.batch_size, args.max_tokens, args.requests, args.concurrency, args.rate, args.device, args.workers = 4, 8, 8, "1,4", 20.0, "cpu", 0
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 

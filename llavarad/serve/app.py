@@ -26,18 +26,19 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
+from torch import Tensor
 
 from llavarad.generate import Sampling, Token
 from llavarad.images import preprocess, read_image
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
+from llavarad.serve.completion import Completion
 from llavarad.serve.errors import APIError
 from llavarad.serve.metrics import Metrics
-from llavarad.serve.completion import Completion
 from llavarad.serve.scheduler import Job, Scheduler
 from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 
 STATIC = Path(__file__).parent / "static"
-_PUBLIC = ("/health", "/", "/static/")  # the page loads without the key; it asks for it
+_OPEN_PATHS, _OPEN_PREFIX = ("/health", "/"), "/static/"  # the page loads without the key, then asks for it
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
     def _allowed(self, scope: Scope) -> bool:
-        path = scope["path"]
-        if path in _PUBLIC[:2] or path.startswith(_PUBLIC[2]):
+        if scope["path"] in _OPEN_PATHS or scope["path"].startswith(_OPEN_PREFIX):
             return True
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
@@ -116,6 +116,9 @@ class Server:
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
+            if request.url.path == "/v1/chat/completions":
+                outcome = "rejected" if e.status in (429, 503) else "client_error" if e.status < 500 else "server_error"
+                self.metrics.requests.labels(outcome).inc()
             headers = {"Retry-After": "1"} if e.status == 429 else None
             return JSONResponse(e.body(), e.status, headers=headers)
 
@@ -156,7 +159,7 @@ class Server:
         image.save(out, "PNG")
         return out.getvalue()
 
-    def _prepare(self, chat: ChatRequest) -> tuple[list[int], object]:
+    def _prepare(self, chat: ChatRequest) -> tuple[list[int], Tensor]:
         """(prompt ids, pixels (3, S, S)): the slow part of a request, run in the image threads."""
         pixels = preprocess(read_image(chat.image, "image_url", self.config.max_pixels), self.image_size)
         return self.tokenizer.encode_prompt(build_prompt(build_question(chat.reason))), pixels
@@ -175,19 +178,14 @@ class Server:
         try:
             body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            self.metrics.requests.labels("client_error").inc()
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
-        try:
-            chat = parse_chat(body, self.limits)
-            ids, pixels = await self._off_loop(self._prepare, chat)
-            prompt_tokens = len(ids) - 1 + self.n_patches
-            if prompt_tokens + chat.max_tokens - 1 > self.config.max_len:
-                raise APIError(400, f"the prompt takes {prompt_tokens} tokens ({self.n_patches} for the image); with max_tokens "
-                                    f"{chat.max_tokens} it does not fit the {self.config.max_len} positions of a cache row: "
-                                    "shorten the reason for exam or lower max_tokens", "context_length_exceeded", "messages")
-        except APIError:
-            self.metrics.requests.labels("client_error").inc()
-            raise
+        chat = parse_chat(body, self.limits)
+        ids, pixels = await self._off_loop(self._prepare, chat)
+        prompt_tokens = len(ids) - 1 + self.n_patches
+        if prompt_tokens + chat.max_tokens - 1 > self.config.max_len:
+            raise APIError(400, f"the prompt takes {prompt_tokens} tokens ({self.n_patches} for the image); with max_tokens "
+                                f"{chat.max_tokens} it does not fit the {self.config.max_len} positions of a cache row: "
+                                "shorten the reason for exam or lower max_tokens", "context_length_exceeded", "messages")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def deliver(item: Token | BaseException) -> None:  # called from the decode loop's thread
@@ -201,7 +199,6 @@ class Server:
         try:
             self.scheduler.submit(job)
         except queue.Full:
-            self.metrics.requests.labels("rejected").inc()
             raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
         except RuntimeError:
             raise APIError(503, "the server is shutting down", "shutting_down") from None
