@@ -7,9 +7,10 @@ padding and a prompt's output does not depend on what it is batched with.
 
 BatchGenerator keeps a fixed number of cache rows busy. When a row emits EOS (or reaches its
 max_new_tokens) it is freed and the next prompt is prefilled into it, so a finished report stops
-costing compute and a batch never waits for its longest report. Each row has its own sampling
-(greedy, or temperature / top-p with a seed: see sampling.py), applied inside the batched step, so
-greedy and sampled prompts share a batch. Two ways to drive it:
+costing compute and a batch never waits for its longest report. Built with `sample=True`, each row
+has its own sampling (greedy, or temperature / top-p with a seed: see sampling.py), applied inside
+the batched step, so greedy and sampled prompts share a batch; without it every row is an argmax
+and the step does no sampling work. Two ways to drive it:
   - `run(prompts, max_new_tokens)`: a stream of prompts in, each prompt's tokens out (infer.py);
   - `add(prompts)` / `step()` / `cancel(key)`: prompts arrive whenever, every token is handed out
     as it is made, and a row can be dropped mid-report (the server's decode loop).
@@ -134,17 +135,19 @@ class BatchGenerator:
 
     cuda_graph records the decode step as a CUDA graph (CUDA only); compile runs it through
     torch.compile first. Both give the same tokens as eager decoding; they only remove overhead.
+    sample: honour each prompt's Sampling (otherwise only greedy prompts are accepted).
     """
 
-    def __init__(self, llm: Llama, batch_size: int, max_len: int, eos_id: int, cuda_graph: bool = False, compile: bool = False):
-        self.llm, self.batch_size, self.max_len, self.eos_id = llm, batch_size, max_len, eos_id
+    def __init__(self, llm: Llama, batch_size: int, max_len: int, eos_id: int, cuda_graph: bool = False, compile: bool = False,
+                 sample: bool = False):
+        self.llm, self.batch_size, self.max_len, self.eos_id, self.sample = llm, batch_size, max_len, eos_id, sample
         self.device = llm.lm_head.weight.device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
         self.cache = cache = llm.new_cache(batch_size, max_len)  # this generator's alone: passed into every call
 
         def step(tokens: Tensor, pos: Tensor, sampling: RowSampling) -> Tensor:
-            return decode_step(llm, cache, tokens, pos, sampling)
+            return decode_step(llm, cache, tokens, pos, sampling if sample else None)
 
         if compile:
             step = torch.compile(step, dynamic=False)
@@ -175,12 +178,15 @@ class BatchGenerator:
             if p.embeds.shape[0] + p.max_new_tokens - 1 > self.max_len:
                 raise ValueError(f"a prompt of {p.embeds.shape[0]} tokens + {p.max_new_tokens} new tokens "
                                  f"does not fit the cache of {self.max_len} slots")
+            if p.sampling.temperature > 0 and not self.sample:
+                raise ValueError("a sampled prompt for a greedy generator (build it with sample=True)")
         rows = free[: len(prompts)]
         rows_t = torch.tensor(rows, device=self.device)
         self.sampling.temperature[rows_t] = torch.tensor([p.sampling.temperature for p in prompts], device=self.device)
         self.sampling.top_p[rows_t] = torch.tensor([p.sampling.top_p for p in prompts], device=self.device)
         self.sampling.seed[rows_t] = torch.tensor([p.sampling.seed for p in prompts], dtype=torch.long, device=self.device)
-        first = prefill(self.llm, self.cache, [p.embeds for p in prompts], rows_t, RowSampling(*(field[rows_t] for field in self.sampling)))
+        sampling = RowSampling(*(field[rows_t] for field in self.sampling)) if self.sample else None
+        first = prefill(self.llm, self.cache, [p.embeds for p in prompts], rows_t, sampling)
         self.tokens[rows_t] = first
         self.pos[rows_t] = torch.tensor([p.embeds.shape[0] for p in prompts], device=self.device)
         for r, p in zip(rows, prompts):

@@ -41,7 +41,7 @@ def drive(gen: BatchGenerator, schedule: list[list[Prompt]]) -> dict:
 
 def test_greedy_rows_keep_transformers_tokens_beside_sampled_rows(models):
     llm, prompts, greedy, _ = models
-    gen = BatchGenerator(llm, 4, max(LENGTHS) + NEW, eos_id=-1)
+    gen = BatchGenerator(llm, 4, max(LENGTHS) + NEW, -1, sample=True)
     embed = llm.embed_tokens
     sampled = [Prompt(f"s{i}", embed(prompts[i]), NEW, Sampling(1.2, 0.9, seed=i)) for i in range(2)]
     plain = [Prompt(i, embed(p), NEW) for i, p in enumerate(prompts)]
@@ -56,19 +56,19 @@ def test_a_seeded_row_does_not_depend_on_its_batch_or_arrival(models):
     embed = llm.embed_tokens
     me = Prompt("me", embed(prompts[2]), NEW, Sampling(0.9, 0.95, seed=2024))
     with torch.no_grad():
-        alone = drive(BatchGenerator(llm, 1, max(LENGTHS) + NEW, -1), [[me]])["me"]
+        alone = drive(BatchGenerator(llm, 1, max(LENGTHS) + NEW, -1, sample=True), [[me]])["me"]
         others = [Prompt(i, embed(p), NEW, Sampling(1.0 if i % 2 else 0.0, 1.0, seed=i)) for i, p in enumerate(prompts)]
-        crowded = drive(BatchGenerator(llm, 3, max(LENGTHS) + NEW, -1), [[others[0], others[1]], [], [], [], [me], [others[3]], [], [], [others[4]]])
-        late = drive(BatchGenerator(llm, 5, max(LENGTHS) + NEW, -1), [[others[0], others[1], others[3], others[4]], [], [], [me]])
+        crowded = drive(BatchGenerator(llm, 3, max(LENGTHS) + NEW, -1, sample=True), [[others[0], others[1]], [], [], [], [me], [others[3]], [], [], [others[4]]])
+        late = drive(BatchGenerator(llm, 5, max(LENGTHS) + NEW, -1, sample=True), [[others[0], others[1], others[3], others[4]], [], [], [me]])
     assert alone == crowded["me"] == late["me"]
-    again = drive(BatchGenerator(llm, 1, max(LENGTHS) + NEW, -1), [[me._replace(sampling=Sampling(0.9, 0.95, seed=2025))]])["me"]
+    again = drive(BatchGenerator(llm, 1, max(LENGTHS) + NEW, -1, sample=True), [[me._replace(sampling=Sampling(0.9, 0.95, seed=2025))]])["me"]
     assert again != alone  # the seed matters
 
 
 def test_cancel_frees_the_row_for_the_next_prompt(models):
     llm, prompts, greedy, _ = models
     embed = llm.embed_tokens
-    gen = BatchGenerator(llm, 2, max(LENGTHS) + NEW, eos_id=-1)
+    gen = BatchGenerator(llm, 2, max(LENGTHS) + NEW, -1, sample=True)
     with torch.no_grad():
         made = gen.add([Prompt("gone", embed(prompts[2]), NEW), Prompt(0, embed(prompts[0]), NEW)])
         for _ in range(3):
@@ -87,8 +87,10 @@ def test_cancel_frees_the_row_for_the_next_prompt(models):
 
 def test_each_row_stops_at_its_own_max_new_tokens(models):
     llm, prompts, greedy, _ = models
-    gen = BatchGenerator(llm, 3, max(LENGTHS) + NEW, eos_id=-1)
+    gen = BatchGenerator(llm, 3, max(LENGTHS) + NEW, -1)  # greedy only: infer.py's generator
     with torch.no_grad():
+        with pytest.raises(ValueError, match="sample=True"):
+            gen.add([Prompt("x", llm.embed_tokens(prompts[0]), NEW, Sampling(temperature=0.5))])
         made = gen.add([Prompt(i, llm.embed_tokens(prompts[i]), n) for i, n in enumerate([1, 4, NEW])])
         while gen.active():
             made += gen.step()
@@ -123,7 +125,7 @@ def test_first_sampled_token_follows_the_nucleus_of_transformers_logits(tmp_path
     with torch.no_grad():
         embeds = model.embed([ids], model.encode_images(preprocess(image, 28)[None]))[0]  # (T, dim)
         logits = tiny.peft_model(inputs_embeds=embeds[None]).logits[0, -1].double().numpy()
-        gen = BatchGenerator(model.llm, n, embeds.shape[0] + 1, tokenizer.eos_id)
+        gen = BatchGenerator(model.llm, n, embeds.shape[0] + 1, tokenizer.eos_id, sample=True)
         made = gen.add([Prompt(s, embeds, 1, Sampling(temperature, top_p, seed=s)) for s in range(n)])
     z = logits / temperature
     p = np.exp(z - z.max())

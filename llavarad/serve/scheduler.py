@@ -49,7 +49,7 @@ class Scheduler:
         self.waiting: queue.Queue[Job] = queue.Queue(max_queue)
         self.cancelled: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.stopping = threading.Event()
-        self.generator = BatchGenerator(model.llm, batch_size, max_len, eos_id, cuda_graph=cuda_graph, compile=compile)
+        self.generator = BatchGenerator(model.llm, batch_size, max_len, eos_id, cuda_graph=cuda_graph, compile=compile, sample=True)
         self.thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self.failure: BaseException | None = None
 
