@@ -161,3 +161,14 @@ def test_preview_renders_dicom_as_png(server, images):
     assert np.array_equal(got, np.asarray(load_image(str(images / "mr.dcm"))))  # 64x64: not resized
     bad = httpx.post(server.url + "/v1/preview", content=b"not an image", timeout=60)
     assert bad.status_code == 400 and "cannot read image" in json.loads(bad.text)["error"]["message"]
+
+
+def test_logs_hold_no_image_or_reason(server, images):
+    """Run after the requests above: the server's log has their ids and sizes, never their content."""
+    post(server, chat_body(images / "rgb.png", "Confidential indication 4711."))
+    log = server.stderr()
+    assert "request " in log and " B, prompt " in log
+    for secret in ["Confidential indication", "Douleur thoracique", "Shortness of breath", "Cough."]:
+        assert secret not in log
+    payload = chat_body(images / "rgb.png")["messages"][0]["content"][0]["image_url"]["url"]
+    assert payload[22:80] not in log  # no piece of the base64 image
