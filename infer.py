@@ -1,6 +1,6 @@
 """Write the Findings section for chest X-rays: one image, or every query of a query file.
 
-    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO]
+    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--quantize int8|int4]
     python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
     torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
@@ -21,6 +21,7 @@ from llavarad.dist import close_distributed, init_distributed, print0
 from llavarad.engine import run_queries
 from llavarad.images import load_image
 from llavarad.pipeline import describe
+from llavarad.quant import MODES
 from llavarad.records import LOADERS, load_records
 from llavarad.weights import load_llavarad
 
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", help="default: cuda (this rank's GPU under torchrun) when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, quantized while loading "
+                   "(--dtype stays the dtype of the activations and of the other weights)")
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
     q.add_argument("--image-folder", help="root of the records' image paths (default: the query file's folder)")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     t0 = time.time()
-    model, tokenizer = load_llavarad(args.model, args.base, dtype, device)
+    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, args.quantize)
     print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
     return model, tokenizer
 

@@ -9,6 +9,8 @@ except ImportError:  # Python 3.10
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from llavarad.quant import MODES
+
 STAGES = ("pretrain", "lora")
 PARSERS = {int: int, float: float, str: str, str | None: str}  # field type -> command-line parser
 CHECKPOINTING = ("full", "selective", "none")
@@ -42,6 +44,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     # compute
     dtype: str = "bfloat16"  # "bfloat16": frozen weights bf16, trainable fp32, bf16 autocast; "float32": all fp32
+    quantize_base: str | None = None  # "int8" | "int4": the decoder's frozen linear layers quantized (QLoRA; llavarad/quant.py)
     activation_checkpointing: str = "full"  # per decoder block: "full", "selective" (keeps matmul outputs), "none"
     num_workers: int = 4  # DataLoader worker processes per rank (image decoding + preprocessing)
     seed: int = 0
@@ -60,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"activation_checkpointing {self.activation_checkpointing!r}: choose from {', '.join(CHECKPOINTING)}")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype {self.dtype!r}: choose bfloat16 or float32")
+        if self.quantize_base not in (None, *MODES):
+            raise ValueError(f"quantize_base {self.quantize_base!r}: choose from {', '.join(MODES)}")
         if self.stage == "lora" and not self.projector:
             raise ValueError("the lora stage needs --projector (the pretrain stage's mm_projector.bin)")
         for name in ("global_batch", "micro_batch", "epochs", "max_len", "log_every"):

@@ -55,7 +55,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
     lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
 
     torch.manual_seed(cfg.seed)  # the new projector / LoRA weights: the same draw on every rank
-    model = build_model(cfg.stage, str(base_dir), cfg.tower, cfg.projector, lora, torch.bfloat16 if bf16 else torch.float32, device)
+    model = build_model(cfg.stage, str(base_dir), cfg.tower, cfg.projector, lora, torch.bfloat16 if bf16 else torch.float32, device,
+                        cfg.quantize_base)
     n_image, image_size = model.tower.num_patches, model.tower.cfg.image_size
     dataset = TrainDataset(records, cfg.image_folder, tokenizer, template, n_image, image_size, cfg.max_len)
     parallelize(model, cfg.activation_checkpointing)
