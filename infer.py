@@ -1,6 +1,6 @@
 """Write the Findings section for chest X-rays: one image, or every query of a query file.
 
-    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--quantize int8|int4]
+    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR] [--quantize int8|int4]
     python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
     torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
@@ -8,6 +8,7 @@ One image: stdout carries only the findings text. A query file (the PhysioNet LL
 JSON or a JSONL of {"id", "image", "reason"?, "reference"?}): one JSON line per query in --output
 ({"id", "query", "reference", "prediction"}, or "error" for an unreadable image), appended as
 reports finish; rerunning the same command skips the ids already predicted. Logs go to stderr.
+--explain DIR also writes, per report, one heatmap overlay per sentence and a JSON of the maps.
 """
 
 import argparse
@@ -16,13 +17,17 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from llavarad.dist import close_distributed, init_distributed, print0
-from llavarad.engine import run_queries
-from llavarad.images import load_image
-from llavarad.pipeline import describe
+from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
+from llavarad.engine import read_results, run_queries
+from llavarad.explain import explain, explain_predictions, file_stem, make_folder, write_explanation
+from llavarad.generate import greedy_generate
+from llavarad.images import load_image, preprocess
+from llavarad.model import LlavaRad
 from llavarad.quant import MODES
 from llavarad.records import LOADERS, load_records
+from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 from llavarad.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, quantized while loading "
                    "(--dtype stays the dtype of the activations and of the other weights)")
+    p.add_argument("--explain", metavar="DIR", help="write per-sentence heatmaps over the image (PNG) and their grids (JSON) to DIR")
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
     q.add_argument("--image-folder", help="root of the records' image paths (default: the query file's folder)")
@@ -57,7 +63,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--query-file needs --output")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
+    if args.explain and args.quantize == "int4":
+        p.error("--explain needs gradients through the decoder, which the int4 inference kernels do not give: "
+                "use --quantize int8, or no --quantize")
     return args
+
+
+@torch.no_grad()
+def describe(model: LlavaRad, tokenizer: Tokenizer, images: list[Image.Image], reasons: list[str | None], max_new_tokens: int = 256) -> list[str]:
+    """One findings text per (image, reason) pair, generated in one batch: preprocess, prompt,
+    splice, greedy decode, detokenize."""
+    device = model.llm.lm_head.weight.device
+    pixels = torch.stack([preprocess(im, model.tower.cfg.image_size) for im in images]).to(device)  # (B, 3, S, S)
+    ids = [tokenizer.encode_prompt(build_prompt(build_question(r))) for r in reasons]
+    embeds = model.embed(ids, model.encode_images(pixels))  # B x (T_b, dim)
+    new_tokens = greedy_generate(model.llm, embeds, max_new_tokens, tokenizer.eos_id)
+    return [tokenizer.decode(t) for t in new_tokens]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,14 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.query_file:
             return run_batch(args, rank, world, device, dtype)
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
+        heatmaps = make_folder(args.explain) if args.explain else None
         model, tokenizer = load(args, device, dtype)
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
+        print(text, flush=True)
+        if heatmaps:
+            expl = explain(model, tokenizer, image, args.reason, text)
+            write_explanation(expl, heatmaps, file_stem(Path(args.image).stem))
     except (OSError, ValueError) as e:  # OSError: a missing file, an unwritable output...
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         close_distributed()
-    print(text)
     return 0
 
 
@@ -92,6 +117,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
 def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> int:
     records = load_records(args.query_file, args.loader)[: args.limit]  # fail on a bad query file first
     folder = Path(args.image_folder) if args.image_folder else Path(args.query_file).parent
+    heatmaps = make_folder(args.explain) if args.explain else None
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
     model, tokenizer = load(args, device, dtype)
     s = run_queries(
@@ -102,6 +128,11 @@ def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     rate = s.predicted / s.seconds if s.seconds else 0.0
     print0(f"done: {s.predicted} predicted, {s.skipped} skipped (already in {args.output}), {s.failed} failed; "
            f"{s.seconds:.1f}s ({rate:.2f} reports/s)", file=sys.stderr)
+    if heatmaps:
+        barrier()  # rank 0 has merged the predictions
+        predictions = {str(r["id"]): r["prediction"] for r in read_results(Path(args.output)) if "prediction" in r}
+        n = sum_across_ranks([explain_predictions(model, tokenizer, records, folder, predictions, heatmaps, rank, world)])[0]
+        print0(f"explained {n} reports in {heatmaps}", file=sys.stderr)
     return 0
 
 

@@ -7,19 +7,21 @@
         --projector runs/pretrain/mm_projector.bin ... --output runs/lora
 
 Every setting of the config file can be given as a flag (`global_batch` -> `--global-batch`);
-flags win. `--resume` continues from the newest checkpoint in the output folder.
+flags win; `--help` explains each. `--resume` continues from the newest checkpoint in the output
+folder, with the settings it was saved with: only those that leave the trained weights alone
+(logging, validation, checkpoints, workers, activation checkpointing) or the run's length may change.
 """
 
 import sys
 
 from llavarad.dist import close_distributed
 from llavarad.train_config import parse_train_args
-from llavarad.train_loop import train
+from llavarad.train_loop import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        train(parse_train_args(argv))
+        run_training(parse_train_args(argv))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -125,7 +125,7 @@ def run_row(row: str, folder: Path, prompt: int, new: int) -> dict:
 
         model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     else:
-        model = load_llm(folder, {}, 1.0, torch.bfloat16, "cpu", ROWS[row])
+        model = load_llm(folder, torch.bfloat16, "cpu", quantize=ROWS[row])
     load_s = time.perf_counter() - t0
     peak_rss, peak_anon = memory.stop()
     decoder_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
@@ -137,8 +137,8 @@ def run_row(row: str, folder: Path, prompt: int, new: int) -> dict:
             out = model(inputs_embeds=embeds, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)  # (1,)
         else:
-            model.setup_cache(1, prompt + new + 1)
-            token = prefill(model, embeds, torch.tensor([prompt]))
+            cache = model.new_cache(1, prompt + new + 1)
+            token = prefill(model, cache, [embeds[0]])
         prefill_s = time.perf_counter() - t0
         tokens, t0 = [token.item()], time.perf_counter()
         for i in range(new):
@@ -146,7 +146,7 @@ def run_row(row: str, folder: Path, prompt: int, new: int) -> dict:
                 out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
             else:
-                token = decode_step(model, token, torch.tensor([prompt + i]))
+                token = decode_step(model, cache, token, torch.tensor([prompt + i]))
             tokens.append(token.item())
         decode_s = time.perf_counter() - t0
     return {"row": row, "decoder_bytes": decoder_bytes, "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon,

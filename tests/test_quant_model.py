@@ -36,11 +36,11 @@ def test_quantized_logits_close_to_float(tmp_path):
     and nothing in a random network averages it out; measured 2.0-2.3% and 25-30%. Only the blocks'
     linear layers are quantized."""
     base = write_base(tiny_hf_llama(vocab_size=256), tmp_path / "base")
-    ref = load_llm(base, {}, 1.0, torch.float32, "cpu")
+    ref = load_llm(base, torch.float32, "cpu")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     expected = logits(ref, ids)
     for mode, (low, high) in (("int8", (0.005, 0.03)), ("int4", (0.1, 0.4))):
-        llm = load_llm(base, {}, 1.0, torch.float32, "cpu", mode)
+        llm = load_llm(base, torch.float32, "cpu", quantize=mode)
         quantized = {n for n, m in llm.named_modules() if isinstance(m, QuantLinear)}
         assert quantized == {f"layers.{i}.{p}" for i in range(2) for p in (
             "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
@@ -95,7 +95,7 @@ def sample():
 start = anon()
 thread = threading.Thread(target=sample)
 thread.start()
-llm = load_llm(folder, {}, 1.0, dtype, "cpu", mode)
+llm = load_llm(folder, dtype, "cpu", quantize=mode)
 stop.set()
 thread.join()
 size = sum(t.nbytes for t in (*llm.parameters(), *llm.buffers()))
