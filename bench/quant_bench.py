@@ -13,13 +13,17 @@ process, one after the other (the bf16 rows hold 13.5 GB), and reports:
     anonymous memory (RssAnon, sampled every 10 ms: what the process really holds);
   - load time: reading, merging nothing (no adapter), quantizing, assigning;
   - prefill seconds for one prompt of --prompt tokens (random input embeddings), the first token included;
-  - decode tokens/s at batch 1: --new greedy steps over the KV cache, timed after the prefill.
+  - decode tokens/s at batch 1: --new greedy steps over the KV cache after the prefill, 1 / the median step;
+both after an untimed 8-token prefill and 2 steps (first touches of the memory-mapped weights).
+Then lm_head alone (32000 x 4096) in bf16, int8 and int4: its bytes and time per token.
 --tiny runs a 2-layer decoder in-process (timings mean nothing; the test checks the byte counts).
 """
 
 import argparse
 import json
+import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -27,10 +31,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from llavarad.config import LlamaConfig
 from llavarad.generate import decode_step, prefill
+from llavarad.quant import QuantLinear
 from llavarad.weights import load_llm
 
 ROWS = {"bf16": None, "int8": "int8", "int4": "int4", "transformers bf16": None}
@@ -132,26 +138,54 @@ def run_row(row: str, folder: Path, prompt: int, new: int) -> dict:
     dim = model.config.hidden_size if row.startswith("transformers") else model.cfg.dim
     embeds = (torch.randn(1, prompt, dim, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
     with torch.no_grad():
+        generate(model, row, embeds[:, :8], 2)  # untimed: first touches of the memory-mapped weights, thread pools
+        load_avg = os.getloadavg()[0]
+        prefill_s, step_s, tokens = generate(model, row, embeds, new)
+    return {"row": row, "decoder_bytes": decoder_bytes, "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon,
+            "load_s": load_s, "prompt": prompt, "prefill_s": prefill_s, "new": new,
+            "decode_tok_s": 1 / statistics.median(step_s), "load_avg": [load_avg, os.getloadavg()[0]], "tokens": tokens}
+
+
+def generate(model, row: str, embeds: torch.Tensor, new: int) -> tuple[float, list[float], list[int]]:
+    """Prefill embeds (1, T, dim), then `new` greedy steps -> (prefill seconds, seconds of each step, tokens).
+    A step's median makes the tok/s figure: the 2 cores are shared, and a busy neighbour slows some steps."""
+    T = embeds.shape[1]
+    t0 = time.perf_counter()
+    if row.startswith("transformers"):
+        out = model(inputs_embeds=embeds, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)  # (1,)
+    else:
+        cache = model.new_cache(1, T + new + 1)
+        token = prefill(model, cache, [embeds[0]])
+    prefill_s, tokens, step_s = time.perf_counter() - t0, [token.item()], []
+    for i in range(new):
         t0 = time.perf_counter()
         if row.startswith("transformers"):
-            out = model(inputs_embeds=embeds, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)  # (1,)
+            out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
         else:
-            cache = model.new_cache(1, prompt + new + 1)
-            token = prefill(model, cache, [embeds[0]])
-        prefill_s = time.perf_counter() - t0
-        tokens, t0 = [token.item()], time.perf_counter()
-        for i in range(new):
-            if row.startswith("transformers"):
-                out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
-                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
-            else:
-                token = decode_step(model, cache, token, torch.tensor([prompt + i]))
-            tokens.append(token.item())
-        decode_s = time.perf_counter() - t0
-    return {"row": row, "decoder_bytes": decoder_bytes, "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon,
-            "load_s": load_s, "prompt": prompt, "prefill_s": prefill_s, "new": new, "decode_tok_s": new / decode_s,
-            "tokens": tokens}
+            token = decode_step(model, cache, token, torch.tensor([T + i]))
+        tokens.append(token.item())
+        step_s.append(time.perf_counter() - t0)
+    return prefill_s, step_s, tokens
+
+
+def lm_head_rows(cfg: LlamaConfig, repeats: int = 20) -> list[dict]:
+    """lm_head (vocab x dim) alone, bf16 against int8 and int4 at batch 1: what quantizing it would save."""
+    w = (torch.randn(cfg.vocab_size, cfg.dim, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, cfg.dim).to(torch.bfloat16)
+    rows = []
+    for mode in ("bf16", "int8", "int4"):
+        layer = (lambda h: F.linear(h, w)) if mode == "bf16" else QuantLinear.from_float(w, mode, torch.bfloat16, "cpu")
+        size = w.nbytes if mode == "bf16" else layer.weight.nbytes + layer.scales.nbytes
+        times = []
+        with torch.no_grad():
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                layer(x)
+                times.append(time.perf_counter() - t0)
+        rows.append({"lm_head": mode, "bytes": size, "ms": 1e3 * statistics.median(times[1:])})
+    return rows
 
 
 def table(results: list[dict]) -> str:
@@ -197,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(json.loads(done.stdout.splitlines()[-1]))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), file=sys.stderr, flush=True)
     print(table(results))
+    lm_head = lm_head_rows(TINY if args.tiny else LlamaConfig())
+    print("\n".join(f"lm_head {r['lm_head']}: {r['bytes'] / 1e6:.0f} MB, {r['ms']:.2f} ms per token" for r in lm_head))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": results, "lm_head": lm_head}, indent=1))
     return 0
 
 
