@@ -15,7 +15,8 @@ process, one after the other (the bf16 rows hold 13.5 GB), and reports:
   - prefill seconds for one prompt of --prompt tokens (random input embeddings), the first token included;
   - decode tokens/s at batch 1: --new greedy steps over the KV cache after the prefill, 1 / the median step;
 both after an untimed 8-token prefill and 2 steps (first touches of the memory-mapped weights).
-Then lm_head alone (32000 x 4096) in bf16, int8 and int4: its bytes and time per token.
+Then one block's 7 matrices, and lm_head, alone in bf16, int8 and int4, the formats taking turns
+(kernel_rows): bytes and time per token, ratios that a shared machine's load does not skew.
 --tiny runs a 2-layer decoder in-process (timings mean nothing; the test checks the byte counts).
 """
 
@@ -170,21 +171,31 @@ def generate(model, row: str, embeds: torch.Tensor, new: int) -> tuple[float, li
     return prefill_s, step_s, tokens
 
 
-def lm_head_rows(cfg: LlamaConfig, repeats: int = 20) -> list[dict]:
-    """lm_head (vocab x dim) alone, bf16 against int8 and int4 at batch 1: what quantizing it would save."""
-    w = (torch.randn(cfg.vocab_size, cfg.dim, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
-    x = torch.randn(1, cfg.dim).to(torch.bfloat16)
+def kernel_rows(cfg: LlamaConfig, repeats: int = 15) -> list[dict]:
+    """One block's 7 weight matrices, and lm_head, at batch 1 in bf16, int8 and int4: bytes and the
+    median time per token. The formats take turns within each repeat, so a busy neighbour slows them
+    alike: the ratios hold even when the full-model rows, minutes apart, saw different loads."""
+    g, kv = torch.Generator().manual_seed(2), cfg.n_kv_heads * cfg.head_dim
+    parts = {"block": [(cfg.dim, cfg.dim), (kv, cfg.dim), (kv, cfg.dim), (cfg.dim, cfg.dim),
+                       (cfg.hidden_dim, cfg.dim), (cfg.hidden_dim, cfg.dim), (cfg.dim, cfg.hidden_dim)],
+             "lm_head": [(cfg.vocab_size, cfg.dim)]}
     rows = []
-    for mode in ("bf16", "int8", "int4"):
-        layer = (lambda h: F.linear(h, w)) if mode == "bf16" else QuantLinear.from_float(w, mode, torch.bfloat16, "cpu")
-        size = w.nbytes if mode == "bf16" else layer.weight.nbytes + layer.scales.nbytes
-        times = []
+    for part, shapes in parts.items():
+        ws = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in shapes]
+        layers = {"bf16": [lambda h, w=w: F.linear(h, w) for w in ws],
+                  **{m: [QuantLinear.from_float(w, m, torch.bfloat16, "cpu") for w in ws] for m in ("int8", "int4")}}
+        size = {"bf16": sum(w.nbytes for w in ws),
+                **{m: sum(q.weight.nbytes + q.scales.nbytes for q in layers[m]) for m in ("int8", "int4")}}
+        times = {m: [] for m in layers}
         with torch.no_grad():
             for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                layer(x)
-                times.append(time.perf_counter() - t0)
-        rows.append({"lm_head": mode, "bytes": size, "ms": 1e3 * statistics.median(times[1:])})
+                for mode, fns in layers.items():
+                    xs = [torch.randn(1, w.shape[1]).to(torch.bfloat16) for w in ws]
+                    t0 = time.perf_counter()
+                    for fn, x in zip(fns, xs):
+                        fn(x)
+                    times[mode].append(time.perf_counter() - t0)
+        rows += [{"part": part, "mode": m, "bytes": size[m], "ms": 1e3 * statistics.median(t[1:])} for m, t in times.items()]
     return rows
 
 
@@ -208,13 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=16, help="decode steps timed")
     p.add_argument("--tiny", action="store_true", help="a 2-layer decoder, rows in this process")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--kernels-only", action="store_true", help="only the per-block and lm_head rows")
     p.add_argument("--one-row", help=argparse.SUPPRESS)  # the child process of one row
     args = p.parse_args(argv)
     folder = Path(args.dir)
     if args.one_row:
         print(json.dumps(run_row(args.one_row, folder, args.prompt, args.new)))
         return 0
-    rows = args.rows.split(",")
+    rows = [] if args.kernels_only else args.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown rows {unknown}")
     write_random_base(folder, TINY if args.tiny else LlamaConfig())
@@ -230,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results.append(json.loads(done.stdout.splitlines()[-1]))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), file=sys.stderr, flush=True)
-    print(table(results))
-    lm_head = lm_head_rows(TINY if args.tiny else LlamaConfig())
-    print("\n".join(f"lm_head {r['lm_head']}: {r['bytes'] / 1e6:.0f} MB, {r['ms']:.2f} ms per token" for r in lm_head))
+    if results:
+        print(table(results))
+    kernels = kernel_rows(TINY if args.tiny else LlamaConfig())
+    print("\n".join(f"{r['part']} {r['mode']}: {r['bytes'] / 1e6:.1f} MB, {r['ms']:.2f} ms per token" for r in kernels))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": results, "lm_head": lm_head}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": results, "kernels": kernels}, indent=1))
     return 0
 
 

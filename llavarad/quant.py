@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llavarad.errors import first_line
+
 MODES = ("int8", "int4")
 # The linear layers of the decoder blocks: 97% of the 7B weights. The embeddings and lm_head stay
 # in the model dtype (BENCHMARKS.md measures what quantizing lm_head would give).
@@ -123,8 +125,7 @@ class QuantLinear(nn.Module):
             with torch.no_grad():
                 layer.matmul(torch.zeros(1, K, dtype=dtype, device=w.device))
         except (RuntimeError, NotImplementedError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            say_once(f"{mode}: no packed kernel for {w.device.type} {dtype} {tuple(w.shape)} here ({first}); "
+            say_once(f"{mode}: no packed kernel for {w.device.type} {dtype} {tuple(w.shape)} here ({first_line(e)}); "
                      f"dequantizing at every call instead (correct, slower)")
             layer = cls(q if mode == "int8" else pack_nibbles(q), layer.scales, mode, K, N, group, None)
         return layer
@@ -182,17 +183,3 @@ class _QuantMatmul(torch.autograd.Function):
         layer = ctx.layer
         w = layer.dequantized()  # (N, K), only while this backward runs
         return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None
-
-
-def quantize_linears(model: nn.Module, mode: str, names: tuple[str, ...], device: torch.device | str,
-                     dtype: torch.dtype, group: int = GROUP_SIZE) -> list[str]:
-    """Replace every nn.Linear child whose attribute name is in `names` by a QuantLinear of its weight;
-    returns their module paths. (Loading quantizes as it reads instead: weights.load_llm.)"""
-    replaced = []
-    for path, module in list(model.named_modules()):
-        for name, child in list(module.named_children()):
-            if name in names and isinstance(child, nn.Linear) and child.bias is None:
-                full = f"{path}.{name}" if path else name
-                setattr(module, name, QuantLinear.from_float(child.weight.detach(), mode, dtype, device, group))
-                replaced.append(full)
-    return replaced

@@ -1,20 +1,13 @@
 """bench/quant_bench.py --tiny: the 7B benchmark script at a 2-layer shape, in-process, so that its
 long run does not fail on a slip in the script; the decoder byte counts are checked by hand."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("quant_bench", Path(__file__).resolve().parents[1] / "bench" / "quant_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from _bench_fixtures import load_bench
 
 
 def test_quant_bench_tiny_rows_and_their_sizes(tmp_path, capsys):
-    bench = load_bench()
+    bench = load_bench("quant_bench")
     assert bench.main(["--tiny", "--dir", str(tmp_path / "w"), "--prompt", "16", "--new", "4", "--json", str(tmp_path / "q.json")]) == 0
     result = json.loads((tmp_path / "q.json").read_text())
     rows = {r["row"]: r for r in result["rows"]}
@@ -29,5 +22,8 @@ def test_quant_bench_tiny_rows_and_their_sizes(tmp_path, capsys):
     for r in rows.values():
         assert r["decode_tok_s"] > 0 and r["prefill_s"] > 0 and len(r["tokens"]) == 5
     assert rows["transformers bf16"]["tokens"] == rows["bf16"]["tokens"]  # same weights, same greedy tokens
-    assert [r["lm_head"] for r in result["lm_head"]] == ["bf16", "int8", "int4"]
+    kernels = {(r["part"], r["mode"]): r["bytes"] for r in result["kernels"]}
+    assert list(kernels) == [(p, m) for p in ("block", "lm_head") for m in ("bf16", "int8", "int4")]
+    assert kernels["block", "int4"] == 327_680 // 4 + 327_680 // 128 * 2  # one of the 2 layers
+    assert kernels["lm_head", "int8"] == 512 * 128 + 512 * 2
     assert "| int4 |" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _llama_fixtures import our_logits
 from _train_fixtures import FINDINGS, N_IMAGE, REASONS, VOCAB, read_metrics, train_args, write_base_and_tower, write_data
 from peft import PeftModel
 from transformers import LlamaForCausalLM
@@ -21,34 +22,19 @@ from llavarad.train_model import build_model
 from llavarad.weights import load_llavarad, load_llm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: per-op overhead, and the machine is shared
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The decoder trained to write finding k after "word k" (see _train_fixtures), 8 samples, a random projector."""
     root = tmp_path_factory.mktemp("qlora")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     base, tower = write_base_and_tower(root)
-    torch.set_num_threads(n)
     data, images = write_data(root)
     torch.manual_seed(0)
     projector = root / "mm_projector.bin"
     torch.save({f"model.mm_projector.{k}": v for k, v in Projector(32, 64).state_dict().items()}, projector)
     return root, base, tower, data, images, projector
-
-
-def logits(llm, ids: torch.Tensor) -> torch.Tensor:
-    """Uncached forward of token ids (B, T) -> (B, T, vocab)."""
-    B, T = ids.shape
-    with torch.no_grad():
-        return llm.lm_head(llm(llm.embed_tokens(ids), torch.arange(T).expand(B, T)))
 
 
 def test_int8_greedy_tokens_equal_float(world):
@@ -65,7 +51,7 @@ def test_int8_greedy_tokens_equal_float(world):
         prompt = ids[:at] + [VOCAB - 1 - k] * N_IMAGE + ids[at + 1:]
         tokens_ref, tokens_q8, margins, errors = list(prompt), list(prompt), [], []
         for _ in range(8):  # greedy, uncached: the whole sequence again at every step
-            a, b = logits(ref, torch.tensor([tokens_ref]))[0, -1], logits(q8, torch.tensor([tokens_q8]))[0, -1]
+            a, b = our_logits(ref, torch.tensor([tokens_ref]))[0, -1], our_logits(q8, torch.tensor([tokens_q8]))[0, -1]
             top2 = a.topk(2).values
             margins.append((top2[0] - top2[1]).item())
             errors.append((a - b).abs().max().item())
@@ -131,4 +117,4 @@ def test_qlora_run_overfits_and_its_release_loads_everywhere(world, capsys):
     hf = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), release).eval()
     ids = torch.randint(3, 400, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(logits(model.llm, ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(our_logits(model.llm, ids), hf(ids).logits, atol=1e-4, rtol=1e-4)

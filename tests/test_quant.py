@@ -90,7 +90,7 @@ def test_fallbacks_say_so_once(capsys, monkeypatch):
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "int4: in_features 160 is not a multiple of the group size 128; groups of 32 for those layers",
-        "int4: no packed kernel for cpu torch.float32 (40, 160) here (Unsupported n block size: 40); "
+        "int4: no packed kernel for cpu torch.float32 (40, 160) here (RuntimeError: Unsupported n block size: 40); "
         "dequantizing at every call instead (correct, slower)",
     ], err
     assert layers[0].kernel is None and layers[0].group == 32

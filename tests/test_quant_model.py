@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _infer_fixtures import read_jsonl, shared_tiny_release, write_images, write_jsonl
-from _llama_fixtures import tiny_hf_llama, write_base
+from _llama_fixtures import our_logits, tiny_hf_llama, write_base
 from safetensors.torch import save_file
 
 import infer
@@ -20,13 +20,6 @@ from llavarad.quant import QuantLinear
 from llavarad.weights import load_llm
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def logits(llm, ids: torch.Tensor) -> torch.Tensor:
-    """Uncached forward of token ids (B, T) -> (B, T, vocab)."""
-    B, T = ids.shape
-    with torch.no_grad():
-        return llm.lm_head(llm(llm.embed_tokens(ids), torch.arange(T).expand(B, T)))
 
 
 def test_quantized_logits_close_to_float(tmp_path):
@@ -38,14 +31,14 @@ def test_quantized_logits_close_to_float(tmp_path):
     base = write_base(tiny_hf_llama(vocab_size=256), tmp_path / "base")
     ref = load_llm(base, torch.float32, "cpu")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    expected = logits(ref, ids)
+    expected = our_logits(ref, ids)
     for mode, (low, high) in (("int8", (0.005, 0.03)), ("int4", (0.1, 0.4))):
         llm = load_llm(base, torch.float32, "cpu", quantize=mode)
         quantized = {n for n, m in llm.named_modules() if isinstance(m, QuantLinear)}
         assert quantized == {f"layers.{i}.{p}" for i in range(2) for p in (
             "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
         assert llm.lm_head.weight.dtype == torch.float32 and torch.equal(llm.embed_tokens.weight, ref.embed_tokens.weight)
-        rel = ((logits(llm, ids) - expected).pow(2).mean() / expected.pow(2).mean()).sqrt()
+        rel = ((our_logits(llm, ids) - expected).pow(2).mean() / expected.pow(2).mean()).sqrt()
         assert low < rel < high, (mode, rel)  # low: the weights really were quantized
 
 
