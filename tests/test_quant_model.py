@@ -141,3 +141,17 @@ def test_loading_quantized_keeps_memory_near_the_quantized_size(tmp_path):
             assert gained > 0.95 * size, (gained / 1e6, size / 1e6)
         else:
             assert size - 5e6 < gained < size + 2 * 4 * HIDDEN * DIM + 5e6, (fmt, mode, gained / 1e6, size / 1e6)
+
+
+def test_explain_with_quantized_decoder(queries, tmp_path, capsys):
+    """--explain takes gradients through the decoder: int8 gives them (its maps are written), int4's
+    inference kernels do not, and the command line says so before loading anything."""
+    tiny, file = queries
+    image = str(file.parent / read_jsonl(file)[0]["image"])
+    common = [image, "--model", str(tiny.release), "--base", str(tiny.base), "--max-new-tokens", "8"]
+    assert infer.main([*common, "--quantize", "int8", "--explain", str(tmp_path / "maps")]) == 0
+    report = json.loads(next((tmp_path / "maps").glob("*.json")).read_text())
+    assert report["findings"] == capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit):
+        infer.main([*common, "--quantize", "int4", "--explain", str(tmp_path / "maps4")])
+    assert "--explain needs gradients through the decoder" in capsys.readouterr().err
