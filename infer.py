@@ -1,6 +1,6 @@
 """Write the Findings section for chest X-rays: one image, or every query of a query file.
 
-    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR]
+    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR] [--quantize int8|int4]
     python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
     torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
@@ -31,6 +31,7 @@ from llavarad.explain import explain, explain_predictions, file_stem, make_folde
 from llavarad.generate import greedy_generate
 from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad, context_overflow
+from llavarad.quant import MODES
 from llavarad.records import LOADERS, load_records
 from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 from llavarad.weights import load_llavarad
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="most tokens per report; the prompt plus these must fit the decoder's context (default: %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, this rank's GPU under torchrun, when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, quantized while loading "
+                   "(--dtype stays the dtype of the activations and of the other weights; default: none)")
     p.add_argument("--explain", metavar="DIR", help="write per-sentence heatmaps over the image (PNG) and their grids (JSON) to DIR")
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
@@ -81,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--reason {problem}")
     if args.device is not None and (problem := device_problem(args.device)):
         p.error(f"--device {args.device}: {problem}")
+    if args.explain and args.quantize == "int4":
+        p.error("--explain needs gradients through the decoder, which the int4 inference kernels do not give: "
+                "use --quantize int8, or no --quantize")
     return args
 
 
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     t0 = time.time()
-    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, tower_dir=args.tower)
+    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, tower_dir=args.tower, quantize=args.quantize)
     print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
     return model, tokenizer
 
