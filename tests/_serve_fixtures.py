@@ -90,9 +90,9 @@ def chat_body(image: str | Path, reason: str | None = None, max_tokens: int = NE
     return {"model": "llava-rad", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **fields}
 
 
-def infer_stdout(release, base, image: str | Path, reason: str | None, max_new_tokens: int = NEW) -> str:
-    """What `python infer.py IMAGE [--reason REASON] --max-new-tokens N` prints, without its final newline."""
-    argv = [str(image), "--model", str(release), "--base", str(base), "--max-new-tokens", str(max_new_tokens), "--device", "cpu"]
+def infer_stdout(release, base, image: str | Path, reason: str | None, max_new_tokens: int = NEW, *options: str) -> str:
+    """What `python infer.py IMAGE [--reason REASON] --max-new-tokens N [options]` prints, without its final newline."""
+    argv = [str(image), "--model", str(release), "--base", str(base), "--max-new-tokens", str(max_new_tokens), "--device", "cpu", *options]
     if reason is not None:
         argv += ["--reason", reason]
     out = io.StringIO()

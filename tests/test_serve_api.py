@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from _infer_fixtures import shared_tiny_release
-from _serve_fixtures import NEW, chat_body, infer_stdout, shared_server, sse_text
+from _serve_fixtures import NEW, ServerProcess, chat_body, infer_stdout, shared_server, sse_text
 from PIL import Image
 
 from llavarad.tokenizer import SYSTEM, build_question
@@ -172,3 +172,15 @@ def test_logs_hold_no_image_or_reason(server, images):
         assert secret not in log
     payload = chat_body(images / "rgb.png")["messages"][0]["content"][0]["image_url"]["url"]
     assert payload[22:80] not in log  # no piece of the base64 image
+
+
+def test_quantized_server_equals_quantized_infer(tiny, images):
+    """serve.py --quantize int8 answers what infer.py --quantize int8 prints: one loader for both."""
+    proc = ServerProcess(tiny.release, tiny.base, "--quantize", "int8", "--batch-size", "2")
+    try:
+        r = httpx.post(proc.url + "/v1/chat/completions", json=chat_body(images / "rgb.png", "Cough."), timeout=60)
+        assert r.status_code == 200, r.text
+        expected = infer_stdout(tiny.release, tiny.base, images / "rgb.png", "Cough.", NEW, "--quantize", "int8")
+        assert r.json()["choices"][0]["message"]["content"] == expected
+    finally:
+        assert proc.stop() == 0
