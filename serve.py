@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="microsoft/llava-rad", help="release folder or Hugging Face repo id")
     p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id")
+    p.add_argument("--tower", help="folder with the tower files, for a release folder without them, as infer.py --tower")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(infer.DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, as infer.py --quantize")
