@@ -26,7 +26,7 @@ class TrainConfig:
     loader: str = "mimic_train_findings"
     val_data: str | None = None  # held-out file for a validation loss (same loader)
     val_every: int = 0  # steps between validations (0: only at the end; nothing without val_data)
-    # optimisation (REFERENCE section 5)
+    # optimisation (docs/training-recipe.md)
     lr: float = 1e-3
     epochs: int = 1
     max_steps: int = 0  # > 0: train this many steps instead of `epochs` (the schedule spans them)

@@ -18,7 +18,8 @@ from transformers import LlamaForCausalLM
 import evaluate
 import infer
 import train
-from llavarad.demo import TINY_TOWER, main as demo_main
+from llavarad.demo import TINY_TOWER, try_commands
+from llavarad.demo import main as demo_main
 from llavarad.vision import load_tower
 from llavarad.weights import load_llavarad
 
@@ -93,3 +94,12 @@ def test_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path}: ") and err.count("\n") == 1
     assert (tmp_path / "notes.txt").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_readme_shows_the_commands_the_demo_prints():
+    """The README's "Try it without the weights" commands are the ones tested above (for DIR = demo)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Try it without the weights")[1].split("\n## ")[0]
+    lines = section.replace("\\\n", " ").splitlines()
+    shown = [" ".join(line.split()) for line in lines if line.strip().startswith(("python infer.py", "python evaluate.py", "python train.py"))]
+    assert shown == try_commands(Path("demo")).splitlines()
