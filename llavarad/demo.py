@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from llavarad.config import LlamaConfig, LoRAConfig
+from llavarad.config import LLAMA_PRESETS, LlamaConfig, LoRAConfig
 from llavarad.llama import Llama
 from llavarad.model import Projector
 from llavarad.release import save_lora_release
@@ -60,7 +61,6 @@ CORPUS = [
     *REASONS,
 ]
 N_IMAGES = 8
-TINY_LLAMA = LlamaConfig(vocab_size=0, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=160)  # vocab: the tokenizer's
 TINY_TOWER = VisionConfig(image_size=56, patch_size=14, width=32, depth=3, heads=2, mlp_hidden=128)  # 16 patches
 TINY_LORA = LoRAConfig(r=8, alpha=16.0, dropout=0.05)
 
@@ -94,7 +94,7 @@ def write_base(folder: Path, seed: int = 0) -> Llama:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(tokenizer_model())
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    cfg = LlamaConfig(**{**TINY_LLAMA.__dict__, "vocab_size": sp.get_piece_size()})
+    cfg = replace(LLAMA_PRESETS["tiny"], vocab_size=sp.get_piece_size())  # 2 layers, width 64
     torch.manual_seed(seed)
     llm = Llama(cfg)
     with torch.no_grad():
