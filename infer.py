@@ -16,12 +16,15 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from llavarad.dist import close_distributed, init_distributed, print0
 from llavarad.engine import run_queries
-from llavarad.images import load_image
-from llavarad.pipeline import describe
+from llavarad.generate import greedy_generate
+from llavarad.images import load_image, preprocess
+from llavarad.model import LlavaRad
 from llavarad.records import LOADERS, load_records
+from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 from llavarad.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,6 +58,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
     return args
+
+
+@torch.no_grad()
+def describe(model: LlavaRad, tokenizer: Tokenizer, images: list[Image.Image], reasons: list[str | None], max_new_tokens: int = 256) -> list[str]:
+    """One findings text per (image, reason) pair, generated in one batch: preprocess, prompt,
+    splice, greedy decode, detokenize."""
+    device = model.llm.lm_head.weight.device
+    pixels = torch.stack([preprocess(im, model.tower.cfg.image_size) for im in images]).to(device)  # (B, 3, S, S)
+    ids = [tokenizer.encode_prompt(build_prompt(build_question(r))) for r in reasons]
+    embeds = model.embed(ids, model.encode_images(pixels))  # B x (T_b, dim)
+    new_tokens = greedy_generate(model.llm, embeds, max_new_tokens, tokenizer.eos_id)
+    return [tokenizer.decode(t) for t in new_tokens]
 
 
 def main(argv: list[str] | None = None) -> int:

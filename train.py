@@ -14,12 +14,12 @@ import sys
 
 from llavarad.dist import close_distributed
 from llavarad.train_config import parse_train_args
-from llavarad.train_loop import train
+from llavarad.train_loop import run_training
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        train(parse_train_args(argv))
+        run_training(parse_train_args(argv))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

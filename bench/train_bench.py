@@ -36,20 +36,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llavarad.config import LLAMA_PRESETS, LlamaConfig, LoRAConfig  # noqa: E402
 from llavarad.data import collate  # noqa: E402
+from llavarad.dist import close_distributed, init_distributed  # noqa: E402
 from llavarad.llama import Llama  # noqa: E402
 from llavarad.lora import lora_state_dict  # noqa: E402
 from llavarad.model import Projector  # noqa: E402
-from llavarad.optim import build_optimizer  # noqa: E402
-from llavarad.parallel import ensure_process_group, parallelize  # noqa: E402
+from llavarad.parallel import parallelize  # noqa: E402
 from llavarad.tokenizer import IGNORE_INDEX  # noqa: E402
-from llavarad.train_loop import flops_per_token, train_step  # noqa: E402
+from llavarad.train_loop import build_optimizer, flops_per_token, train_step  # noqa: E402
 from llavarad.train_model import TrainModel, assemble, trainable_parameters  # noqa: E402
 from llavarad.vision import VisionConfig, VisionTower  # noqa: E402
 from llavarad.weights import ours_to_hf  # noqa: E402
@@ -251,12 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: this benchmark needs a CUDA GPU (or --tiny for a CPU smoke test)", file=sys.stderr)
         return 1
     device = setup.device
-    made_group = ensure_process_group(device)
+    init_distributed(need_group=True, device=device)  # FSDP2 needs a process group, even for one process
     try:
         rows = run_rows(args, setup)
     finally:
-        if made_group:
-            dist.destroy_process_group()
+        close_distributed()
     if args.json:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))

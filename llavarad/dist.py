@@ -7,14 +7,21 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group when started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK set).
+def init_distributed(need_group: bool = False, device: torch.device | None = None) -> tuple[int, int, torch.device]:
+    """The one place a process group starts. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) join
+    it and return (rank, world size, this process's device): cuda:LOCAL_RANK when CUDA is available
+    (NCCL), else the CPU (gloo).
 
-    Returns (rank, world size, this process's device): cuda:LOCAL_RANK when CUDA is available
-    (NCCL), else the CPU (gloo). A plain `python script.py` gets (0, 1, cuda or cpu).
+    A plain `python script.py` gets (0, 1, `device`, by default cuda or cpu), and no process group
+    unless `need_group`: FSDP2 needs one even for one process, so then it gets an in-memory
+    one-process group. `close_distributed` ends either.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if need_group and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

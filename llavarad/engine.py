@@ -191,9 +191,8 @@ def run_queries(
             if not good:
                 continue
             feats = model.encode_images(torch.stack([p for _, p in good]).to(device))  # (k, N, dim)
-            embeds, lengths = model.embed([prompts[i] for i, _ in good], feats)  # (k, T, dim), (k,)
-            for j, ((i, _), n) in enumerate(zip(good, lengths.tolist())):
-                yield i, embeds[j, :n]
+            embeds = model.embed([prompts[i] for i, _ in good], feats)  # k x (T_i, dim)
+            yield from zip((i for i, _ in good), embeds)
 
     if mine:
         max_len = max(len(p) for p in prompts) - 1 + n_patches + max_new_tokens

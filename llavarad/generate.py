@@ -1,5 +1,5 @@
-"""KV-cached greedy decoding: prefill() right-padded prompts into cache rows, then decode_step() one
-token at a time, with continuous batching over a stream of prompts.
+"""KV-cached greedy decoding: prefill() prompts (right-padded there, where the batch forms) into
+cache rows, then decode_step() one token at a time, with continuous batching over a stream of prompts.
 
 Rows of different prompt lengths share one cache: row b's prompt fills slots 0..len_b-1, and its
 t-th new token goes to slot len_b + t (see llama.py), so no row ever attends to another row's
@@ -9,7 +9,8 @@ BatchGenerator keeps a fixed number of cache rows busy. When a row emits EOS (or
 max_new_tokens) its tokens are handed back and the next waiting prompt is prefilled into that row,
 so a finished report stops costing compute and a batch never waits for its longest report. The
 decode step always runs on the whole batch, so its shapes never change and it can be recorded
-once as a CUDA graph (optionally after torch.compile). Rows left idle once the stream runs dry
+once as a CUDA graph (optionally after torch.compile). Each BatchGenerator makes its own cache and
+passes it into every model call, so generators over one model never share state. Rows left idle once the stream runs dry
 sit at position 0: with flash-attn they read one cache slot; their share of the weight reads,
 which dominate a decode step, is free.
 """
@@ -20,34 +21,40 @@ from itertools import islice
 import torch
 from torch import Tensor
 
-from llavarad.llama import Llama
+from llavarad.llama import KVCache, Llama
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (tokens (B,), positions (B,)) -> next tokens (B,)
 
 
 @torch.no_grad()
-def prefill(llm: Llama, embeds: Tensor, lengths: Tensor, rows: Tensor | None = None) -> Tensor:
-    """Fill cache rows `rows` (B,) (default 0..B-1) with prompts (B, T, dim) of true lengths (B,)
-    -> first greedy tokens (B,)."""
-    B, T, _ = embeds.shape
-    pos = torch.arange(T, device=embeds.device).expand(B, T)  # (B, T)
-    h = llm(embeds, pos, use_cache=True, rows=rows)  # (B, T, dim)
+def prefill(llm: Llama, cache: list[KVCache], embeds: list[Tensor], rows: Tensor | None = None) -> Tensor:
+    """Fill rows `rows` (B,) (default 0..B-1) of `cache` with prompts (T_b, dim) -> first greedy tokens (B,).
+
+    This is where a batch forms, so this is where the prompts are right-padded: causal attention
+    never lets a real token see a pad, and decoding overwrites the pad slots before they are visible."""
+    lengths = torch.tensor([e.shape[0] for e in embeds], device=embeds[0].device)  # (B,)
+    B, T = len(embeds), int(lengths.max())
+    x = embeds[0].new_zeros(B, T, embeds[0].shape[-1])  # (B, T, dim)
+    for b, e in enumerate(embeds):
+        x[b, : e.shape[0]] = e
+    pos = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+    h = llm(x, pos, "prefill", cache, rows)  # (B, T, dim)
     last = h[torch.arange(B, device=h.device), lengths - 1]  # (B, dim)
     return llm.lm_head(last).argmax(-1)
 
 
 @torch.no_grad()
-def decode_step(llm: Llama, tokens: Tensor, pos: Tensor) -> Tensor:
-    """Tokens (B,) at positions (B,) -> next greedy tokens (B,)."""
-    h = llm(llm.embed_tokens(tokens)[:, None], pos[:, None], use_cache=True)  # (B, 1, dim)
+def decode_step(llm: Llama, cache: list[KVCache], tokens: Tensor, pos: Tensor) -> Tensor:
+    """Tokens (B,) at positions (B,), one per row of `cache` -> next greedy tokens (B,)."""
+    h = llm(llm.embed_tokens(tokens)[:, None], pos[:, None], "decode", cache)  # (B, 1, dim)
     return llm.lm_head(h[:, 0]).argmax(-1)
 
 
 class CUDAGraphStep:
     """A decode step recorded once as a CUDA graph, then replayed: one launch instead of a dozen
     kernels per layer, which at batch 1 is most of a step's time. The graph owns its input and
-    output tensors (same addresses at every replay); the cache it writes is the one installed
-    when it was recorded."""
+    output tensors (same addresses at every replay), and it reads and writes the cache tensors that
+    `step` used when it was recorded: the generator's own cache, made once and never replaced."""
 
     def __init__(self, step: Step, batch: int, device: torch.device):
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -81,11 +88,11 @@ class BatchGenerator:
         self.device = llm.lm_head.weight.device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
-        llm.setup_cache(batch_size, max_len)
-        self.caches = [layer.attn.cache for layer in llm.layers]
+        self.cache = llm.new_cache(batch_size, max_len)  # this generator's alone: passed into every call
+        cache = self.cache
 
         def step(tokens: Tensor, pos: Tensor) -> Tensor:
-            return decode_step(llm, tokens, pos)
+            return decode_step(llm, cache, tokens, pos)
 
         if compile:
             step = torch.compile(step, dynamic=False)
@@ -97,8 +104,6 @@ class BatchGenerator:
         order the rows finish. Prompts are taken from the iterable only when a row is free."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        for layer, cache in zip(self.llm.layers, self.caches):  # another generator may have replaced them
-            layer.attn.cache = cache
         B, device = self.batch_size, self.device
         tokens = torch.zeros(B, dtype=torch.long, device=device)
         pos = torch.zeros(B, dtype=torch.long, device=device)
@@ -135,16 +140,12 @@ class BatchGenerator:
                         yield self._release(keys, outs, r)
 
     def _prefill(self, embeds: list[Tensor], rows: list[int], max_new_tokens: int) -> tuple[Tensor, Tensor]:
-        """Right-pad prompts (T_i, dim) into one batch and prefill them into cache rows `rows`."""
+        """Prefill prompts (T_i, dim) into cache rows `rows` -> first tokens (k,), lengths (k,)."""
         lengths = torch.tensor([e.shape[0] for e in embeds], device=self.device)
         T = int(lengths.max())
         if T + max_new_tokens - 1 > self.max_len:
             raise ValueError(f"a prompt of {T} tokens + {max_new_tokens} new tokens does not fit the cache of {self.max_len} slots")
-        x = embeds[0].new_zeros(len(embeds), T, embeds[0].shape[-1])  # (k, T, dim)
-        for j, e in enumerate(embeds):
-            x[j, : e.shape[0]] = e
-        first = prefill(self.llm, x, lengths, torch.tensor(rows, device=self.device))
-        return first, lengths
+        return prefill(self.llm, self.cache, embeds, torch.tensor(rows, device=self.device)), lengths
 
     def _finished(self, out: list[int], max_new_tokens: int) -> bool:
         return out[-1] == self.eos_id or len(out) >= max_new_tokens
@@ -156,10 +157,10 @@ class BatchGenerator:
 
 
 @torch.no_grad()
-def greedy_generate(llm: Llama, embeds: Tensor, lengths: Tensor, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Greedy decoding of one right-padded batch (B, T, dim) of true lengths (B,) until every row
-    has produced EOS or max_new_tokens tokens. Returns each row's new tokens, EOS excluded."""
-    B, T, _ = embeds.shape
-    gen = BatchGenerator(llm, B, T + max_new_tokens, eos_id)
-    done = dict(gen.run(((b, embeds[b, : int(lengths[b])]) for b in range(B)), max_new_tokens))
-    return [done[b] for b in range(B)]
+def greedy_generate(llm: Llama, embeds: list[Tensor], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    """Greedy decoding of prompts (T_b, dim), all in one batch, until every row has produced EOS or
+    max_new_tokens tokens. Returns each row's new tokens, EOS excluded."""
+    T = max(e.shape[0] for e in embeds)
+    gen = BatchGenerator(llm, len(embeds), T + max_new_tokens, eos_id)
+    done = dict(gen.run(enumerate(embeds), max_new_tokens))
+    return [done[b] for b in range(len(embeds))]

@@ -7,7 +7,7 @@ downloads nothing. Callers say what to do without huggingface_hub: they know whi
 import sys
 from pathlib import Path
 
-from llavarad.errors import described
+from llavarad.errors import first_line
 
 
 def hub_download(repo: str, filename: str | None = None, revision: str | None = None) -> Path:
@@ -23,7 +23,7 @@ def hub_download(repo: str, filename: str | None = None, revision: str | None = 
             return Path(huggingface_hub.snapshot_download(repo, revision=revision))
         return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, revision=revision))
     except Exception as e:  # many types (HTTP, offline, repo not found): one line, not a traceback
-        raise ConnectionError(described(e)) from None
+        raise ConnectionError(first_line(e)) from None
 
 
 def file_url(repo: str, filename: str, revision: str | None = None) -> str:

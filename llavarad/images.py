@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from llavarad.errors import reason
+from llavarad.errors import first_line
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,7 +57,7 @@ def _load_dicom(path: str) -> Image.Image:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array  # stored values: pydicom applies no LUT here
     except Exception as e:  # pydicom raises many types (bad header, no pixel data, missing codec)
-        raise ValueError(f"{path}: cannot read image ({reason(e)})") from None
+        raise ValueError(f"{path}: cannot read image ({first_line(e)})") from None
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or pixels.ndim != 2:
         raise ValueError(
@@ -101,7 +101,7 @@ def load_image(path: str) -> Image.Image:
                 return image.convert("RGB")
             values = np.asarray(image)  # (H, W) uint16, int32 or float32
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image ({reason(e)})") from None
+        raise ValueError(f"{path}: cannot read image ({first_line(e)})") from None
     return Image.fromarray(_minmax_to_uint8(values, path)).convert("RGB")
 
 

@@ -1,14 +1,19 @@
 """The Llama-2 decoder (Vicuna-7B v1.5), read top to bottom, with a preallocated KV cache.
 
 The model works on input embeddings, not token ids, because LLaVA splices image features into
-the embedding sequence. Three ways to call it:
-  - training / uncached: `cache=False`, causal attention over the batch;
-  - prefill: `cache=True` with positions 0..T-1 for every row; rows of different lengths are
-    right-padded, so causal attention never lets a real token see a pad;
-  - decode: `cache=True` with T == 1 and a per-row position. Each row writes its key/value at
-    its own slot and attends to slots <= its position, which also hides the pad slots that the
-    prefill wrote past a short row's end (they are overwritten before they become visible).
+the embedding sequence. Three ways to call it, named by `mode`:
+  - "causal" (training, uncached): causal attention over the batch, no cache;
+  - "prefill": positions 0..T-1 for every row, keys/values written into the cache the caller
+    passes; rows of different lengths are right-padded, so causal attention never lets a real
+    token see a pad;
+  - "decode": one token per row at a per-row position. Each row writes its key/value at its own
+    slot and attends to slots <= its position, which also hides the pad slots that the prefill
+    wrote past a short row's end (they are overwritten before they become visible).
+The cache belongs to the caller (generate.BatchGenerator) and is passed into every call, so two
+generators over one model never share state.
 """
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,8 @@ try:  # optional: used for CUDA tensors when installed
     from flash_attn import flash_attn_func, flash_attn_with_kvcache
 except ImportError:
     flash_attn_func = flash_attn_with_kvcache = None
+
+Mode = Literal["causal", "prefill", "decode"]
 
 
 class RMSNorm(nn.Module):
@@ -50,14 +57,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
-class KVCache(nn.Module):
-    """Static per-layer cache in flash-attn's layout (B, S, H_kv, hd)."""
+class KVCache:
+    """One layer's static cache in flash-attn's layout (B, S, H_kv, hd), made by `Llama.new_cache`."""
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
-        super().__init__()
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, max_len, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def write(self, pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None) -> None:
         """Store k, v (B, T, H_kv, hd) at slots pos (B, T) of cache rows `rows` (B,) (default 0..B-1)."""
@@ -76,18 +82,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mode: Mode, cache: KVCache | None, rows: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if use_cache:
-            self.cache.write(pos, k, v, rows)
-        if use_cache and T == 1:  # decode: attend to this row's cache slots 0..pos
-            y = self._decode_attention(q, pos, rows)
-        else:  # training or prefill from position 0: causal over the fresh keys
+        if mode != "causal":
+            cache.write(pos, k, v, rows)
+        if mode == "decode":  # attend to this row's cache slots 0..pos
+            y = self._decode_attention(q, pos, cache, rows)
+        else:  # causal, or prefill from position 0: causal over the fresh keys
             y = self._causal_attention(q, k, v)
         return self.o_proj(y.reshape(B, T, -1))
 
@@ -98,8 +103,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, self._repeat_kv(k), self._repeat_kv(v), is_causal=True)
         return y.transpose(1, 2)  # (B, T, H, hd)
 
-    def _decode_attention(self, q: Tensor, pos: Tensor, rows: Tensor | None) -> Tensor:
-        cache = self.cache
+    def _decode_attention(self, q: Tensor, pos: Tensor, cache: KVCache, rows: Tensor | None) -> Tensor:
         if flash_attn_with_kvcache is not None and q.is_cuda:
             seqlens = (pos[:, 0] + 1).to(torch.int32)  # keys 0..pos are valid for each row
             idx = None if rows is None else rows.to(torch.int32)
@@ -137,8 +141,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, use_cache: bool, rows: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, pos, use_cache, rows)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mode: Mode, cache: KVCache | None, rows: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, pos, mode, cache, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -151,19 +155,23 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def setup_cache(self, batch: int, max_len: int) -> None:
-        """Preallocate every layer's cache; the model is then called with `use_cache=True`."""
+    def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """A preallocated cache, one KVCache per layer, for `batch` rows of `max_len` slots; the
+        caller keeps it and passes it to every "prefill" and "decode" call."""
         cfg, w = self.cfg, self.lm_head.weight
-        for layer in self.layers:
-            layer.attn.cache = KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device)
+        return [KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, w.dtype, w.device) for _ in self.layers]
 
-    def forward(self, h: Tensor, pos: Tensor, use_cache: bool = False, rows: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, pos: Tensor, mode: Mode = "causal", cache: list[KVCache] | None = None,
+                rows: Tensor | None = None) -> Tensor:
         """Input embeddings h (B, T, dim) at positions pos (B, T) -> final normed hidden states (B, T, dim).
-        With the cache, `rows` (B,) are the cache rows the sequences live in (default 0..B-1).
+        "prefill" and "decode" need a cache (from `new_cache`); `rows` (B,) are the cache rows the
+        sequences live in (default 0..B-1).
 
         Logits are left to the caller (`self.lm_head`), which usually needs only a few positions.
         """
+        if (cache is None) != (mode == "causal"):
+            raise ValueError(f"mode {mode!r} {'needs' if cache is None else 'takes no'} cache")
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, pos, use_cache, rows)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, pos, mode, None if cache is None else cache[i], rows)
         return self.norm(h)

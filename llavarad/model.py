@@ -15,6 +15,30 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(mm_hidden, dim), nn.GELU(), nn.Linear(dim, dim))
 
 
+def image_position(ids: list[int]) -> int:
+    """Where the image goes: the index of the one IMAGE_TOKEN_INDEX in a row of token ids. The row
+    of T ids becomes T - 1 + N embeddings: ids[:at], the N image features, ids[at + 1:]."""
+    n = ids.count(IMAGE_TOKEN_INDEX)
+    if n != 1:
+        raise ValueError(f"a prompt has {n} image tokens, expected 1")
+    return ids.index(IMAGE_TOKEN_INDEX)
+
+
+def splice_image(ids: list[int], image: Tensor, embed: nn.Embedding) -> Tensor:
+    """One row's token ids (one IMAGE_TOKEN_INDEX) + its image features (N, dim) -> the row's input
+    embeddings (T - 1 + N, dim), the features in place of the image token.
+
+    Inference calls it per prompt (`LlavaRad.embed`) and pads only when a batch forms (prefill).
+    Training can call it the same way: per sample, splice_image(ids, image_feats[b], llm.embed_tokens),
+    then right-pad the rows into (B, T, dim), with the labels expanded by the same index math
+    (labels[:at] + [IGNORE_INDEX] * N + labels[at + 1:], at = image_position(ids)).
+    """
+    at = image_position(ids)
+    before = torch.tensor(ids[:at], dtype=torch.long, device=embed.weight.device)
+    after = torch.tensor(ids[at + 1 :], dtype=torch.long, device=embed.weight.device)
+    return torch.cat([embed(before), image.to(embed.weight.dtype), embed(after)])  # (T - 1 + N, dim)
+
+
 class LlavaRad(nn.Module):
     def __init__(self, tower: VisionTower, projector: Projector, llm: Llama):
         super().__init__()
@@ -25,23 +49,7 @@ class LlavaRad(nn.Module):
         feats = self.tower(pixels.to(self.tower.pos_embed.dtype))  # (B, N, mm_hidden)
         return self.projector(feats.to(self.projector[0].weight.dtype))
 
-    def embed(self, ids: list[list[int]], image_feats: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids with one IMAGE_TOKEN_INDEX each + image features (B, N, dim) ->
-        right-padded input embeddings (B, T, dim) and the true lengths (B,).
-
-        Pads are zero vectors; callers mask them (causally they only follow real tokens).
-        """
-        embed = self.llm.embed_tokens
-        rows = []
-        for b, row in enumerate(ids):
-            if row.count(IMAGE_TOKEN_INDEX) != 1:
-                raise ValueError(f"prompt {b} has {row.count(IMAGE_TOKEN_INDEX)} image tokens, expected 1")
-            i = row.index(IMAGE_TOKEN_INDEX)
-            before = torch.tensor(row[:i], dtype=torch.long, device=embed.weight.device)
-            after = torch.tensor(row[i + 1 :], dtype=torch.long, device=embed.weight.device)
-            rows.append(torch.cat([embed(before), image_feats[b].to(embed.weight.dtype), embed(after)]))  # (T_b, dim)
-        lengths = torch.tensor([r.shape[0] for r in rows], device=embed.weight.device)
-        out = embed.weight.new_zeros(len(rows), int(lengths.max()), embed.weight.shape[1])  # (B, T, dim)
-        for b, r in enumerate(rows):
-            out[b, : r.shape[0]] = r
-        return out, lengths
+    def embed(self, ids: list[list[int]], image_feats: Tensor) -> list[Tensor]:
+        """Token ids with one IMAGE_TOKEN_INDEX each + image features (B, N, dim) -> each row's
+        input embeddings (T_b, dim), unpadded: padding happens where a batch forms (prefill)."""
+        return [splice_image(row, image_feats[b], self.llm.embed_tokens) for b, row in enumerate(ids)]

@@ -4,7 +4,6 @@ FSDP2 on the root (tower, projector, embeddings, final norm, lm_head)."""
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -40,11 +39,3 @@ def parallelize(model: TrainModel, checkpointing: str) -> None:
         fully_shard(block)
     fully_shard(model)
 
-
-def ensure_process_group(device: torch.device) -> bool:
-    """FSDP2 needs a process group even for one process; make a one-process one when torchrun did not.
-    Returns True when it made one (the caller destroys it)."""
-    if dist.is_initialized():
-        return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return True

@@ -1,6 +1,7 @@
 """The training loop of both stages, read top to bottom: load, shard, then for each optimizer step
 `accum` micro-batches forward + backward, clip, lr = get_lr(step), step, log, validate, checkpoint;
-at the end, the outputs in the official layouts.
+at the end, the outputs in the official layouts. The learning rate is a pure function of the step
+(`get_lr`, the official recipe's cosine schedule) and AdamW is built by `build_optimizer`.
 
 The loss of a step is the summed cross-entropy of every supervised token in the global batch
 divided by their number, counted over all micro-batches and ranks before the first backward, so a
@@ -8,12 +9,14 @@ step's gradient does not depend on how its samples are split into micro-batches 
 """
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -22,9 +25,8 @@ from llavarad.checkpoint import list_checkpoints, load_checkpoint, save_checkpoi
 from llavarad.config import LlamaConfig, LoRAConfig
 from llavarad.data import (TEMPLATES, StepSampler, TrainDataset, accumulation_steps, collate, eval_batches,
                            load_train_records, text_length)
-from llavarad.dist import init_distributed, print0
-from llavarad.optim import build_optimizer, get_lr
-from llavarad.parallel import ensure_process_group, parallelize
+from llavarad.dist import close_distributed, init_distributed, print0
+from llavarad.parallel import parallelize
 from llavarad.release import save_lora_release, save_pretrain_outputs
 from llavarad.tokenizer import Tokenizer
 from llavarad.train_config import TrainConfig
@@ -32,18 +34,16 @@ from llavarad.train_model import TrainModel, build_model, trainable_parameters
 from llavarad.weights import resolve_folder
 
 
-def train(cfg: TrainConfig) -> Path:
+def run_training(cfg: TrainConfig) -> Path:
     """Run one stage; returns the run folder. Under torchrun every rank calls it."""
-    rank, world, device = init_distributed()
-    made_group = ensure_process_group(device)
+    rank, world, device = init_distributed(need_group=True)  # FSDP2 needs a group, even for one process
     try:
-        return _train(cfg, rank, world, device)
+        return _run_stage(cfg, rank, world, device)
     finally:
-        if made_group:
-            dist.destroy_process_group()
+        close_distributed()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
+def _run_stage(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     accum = accumulation_steps(cfg.global_batch, cfg.micro_batch, world)  # before loading 7B parameters
     run_dir, template = Path(cfg.output), TEMPLATES[cfg.stage]
     records = load_train_records(cfg.data, cfg.loader)
@@ -141,6 +141,29 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pat
         print(f"wrote {run_dir}", file=sys.stderr)
     dist.barrier()
     return run_dir
+
+
+def get_lr(step: int, total_steps: int, peak_lr: float, warmup_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup over ceil(warmup_ratio * total)
+    steps from 0, then a half cosine down to 0 at `total_steps`.
+
+    The same numbers as transformers' get_cosine_schedule_with_warmup, which the official run used
+    (so the very first step has lr 0, as there).
+    """
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return peak_lr * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(params: list[nn.Parameter], weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the Trainer's defaults (betas 0.9/0.999, eps 1e-8); the lr is set before every step.
+    Fused kernels on GPU; elsewhere one op per step for all tensors (foreach), not per tensor."""
+    cuda = device.type == "cuda"
+    return torch.optim.AdamW(
+        params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, fused=cuda or None, foreach=not cuda or None
+    )
 
 
 def train_step(model: TrainModel, micro: list[dict], optimizer: torch.optim.Optimizer, params: list[torch.Tensor],

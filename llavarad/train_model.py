@@ -52,7 +52,7 @@ def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lo
                 dtype: torch.dtype, device: torch.device) -> TrainModel:
     """Load the base decoder, the tower and (lora stage) the pretrained projector; see `assemble`.
     Seed torch before: the new projector / LoRA weights are drawn here, and every rank must draw the same."""
-    llm = load_llm(resolve_folder(base, "base model"), {}, 1.0, dtype, device)
+    llm = load_llm(resolve_folder(base, "base model"), dtype, device)
     tower = load_tower(*tower_files(tower_dir)).to(device=device, dtype=dtype)
     if projector is None:
         proj = Projector(tower.cfg.width, llm.cfg.dim)
@@ -71,11 +71,7 @@ def assemble(stage: str, tower: VisionTower, projector: Projector, llm: Llama, l
     llm.requires_grad_(False)
     projector.to(torch.float32).requires_grad_(True)
     if stage == "lora":
-        apply_lora(llm, lora)
-        for module in llm.modules():  # LoRA weights are created in the frozen dtype
-            for name in ("lora_A", "lora_B"):
-                if hasattr(module, name):
-                    setattr(module, name, nn.Parameter(getattr(module, name).detach().float()))
+        apply_lora(llm, lora, dtype=torch.float32)
     return TrainModel(tower, projector, llm)
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from llavarad.errors import reason
+from llavarad.errors import first_line
 
 
 @dataclass
@@ -221,7 +221,7 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types, all meaning "not a loadable checkpoint"
-        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({reason(e)})") from None
+        raise ValueError(f"{checkpoint_path}: cannot load checkpoint ({first_line(e)})") from None
     trunk = _trunk_state_dict(checkpoint, checkpoint_path)
     del checkpoint  # the text tower and optimizer state are not needed
     cfg = _config_from_tensors(trunk, head_width, image_size, (json_path, checkpoint_path))

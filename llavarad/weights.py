@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from llavarad.config import LlamaConfig, MultimodalConfig, read_json
-from llavarad.errors import described
+from llavarad.errors import first_line
 from llavarad.hub import hub_download
 from llavarad.llama import Llama
 from llavarad.lora import merge_lora
@@ -92,7 +92,7 @@ def load_file(path: Path) -> dict[str, Tensor]:
                 return {k: f.get_tensor(k) for k in f.keys()}
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with code in it, truncated download...
-        raise ValueError(f"{path}: cannot read checkpoint ({described(e)})") from None
+        raise ValueError(f"{path}: cannot read checkpoint ({first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return sd
@@ -143,15 +143,16 @@ def load_adapter(folder: Path) -> tuple[dict[str, Tensor], float]:
     return adapter, scale
 
 
-def load_llm(base: Path, adapter: dict[str, Tensor], scale: float, dtype: torch.dtype, device: str | torch.device) -> Llama:
-    """Build the decoder on the meta device and assign the base weights (LoRA merged) tensor by tensor,
-    so a 7B model never exists twice in memory."""
+def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter: dict[str, Tensor] | None = None,
+             scale: float = 1.0) -> Llama:
+    """Build the decoder on the meta device and assign the base weights tensor by tensor, so a 7B
+    model never exists twice in memory. A LoRA `adapter` (from `load_adapter`) is merged at `scale`."""
     cfg = LlamaConfig.from_hf(base / "config.json")
     with torch.device("meta"):
         llm = Llama(cfg)
     expected = {k: tuple(v.shape) for k, v in llm.state_dict().items()}
     by_module: dict[str, dict[str, Tensor]] = {}
-    for k, v in adapter.items():
+    for k, v in (adapter or {}).items():
         by_module.setdefault(k.rsplit(".", 1)[0] + ".weight", {})[k] = v
     sd: dict[str, Tensor] = {}
     for key, t, f in iter_checkpoint(base):
@@ -204,12 +205,12 @@ def release_file(folder: Path, stored: str, default: str) -> Path:
     raise FileNotFoundError(f"{folder}: missing {Path(stored).name or default}")
 
 
-def load_llavarad(model: str, base: str, dtype: torch.dtype, device: str | torch.device) -> tuple[LlavaRad, Tokenizer]:
-    """The released model: base folder + release folder (local paths or hub ids) -> model, tokenizer."""
-    release, base_dir = resolve_folder(model, "model"), resolve_folder(base, "base model")
+def load_llavarad(release: str, base: str, dtype: torch.dtype, device: str | torch.device) -> tuple[LlavaRad, Tokenizer]:
+    """The released model: release folder + base folder (local paths or hub ids) -> model, tokenizer."""
+    release, base_dir = resolve_folder(release, "model"), resolve_folder(base, "base model")
     mm = MultimodalConfig.from_hf(release / "config.json")
-    adapter, scale = load_adapter(release) if (release / "adapter_config.json").is_file() else ({}, 1.0)
-    llm = load_llm(base_dir, adapter, scale, dtype, device)
+    adapter, scale = load_adapter(release) if (release / "adapter_config.json").is_file() else (None, 1.0)
+    llm = load_llm(base_dir, dtype, device, adapter=adapter, scale=scale)
     projector = load_projector(release_file(release, "non_lora_trainables.bin", "mm_projector.bin"), mm.mm_hidden_size, llm.cfg.dim)
     tower = load_tower(
         str(release_file(release, mm.mm_vision_tower_config, TOWER_JSON)),
@@ -219,5 +220,5 @@ def load_llavarad(model: str, base: str, dtype: torch.dtype, device: str | torch
     if tower.cfg.width != mm.mm_hidden_size:
         raise ValueError(f"{release / 'config.json'}: mm_hidden_size {mm.mm_hidden_size} but the tower width is {tower.cfg.width}")
     tokenizer = Tokenizer(str(base_dir / "tokenizer.model"))
-    model_ = LlavaRad(tower, projector, llm).to(device=device, dtype=dtype)
-    return model_.eval(), tokenizer
+    model = LlavaRad(tower, projector, llm).to(device=device, dtype=dtype)
+    return model.eval(), tokenizer

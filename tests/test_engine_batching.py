@@ -17,7 +17,7 @@ NEW = 12
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     hf = tiny_hf_llama()
-    llm = load_llm(write_base(hf, tmp_path_factory.mktemp("base")), {}, 1.0, torch.float32, "cpu")
+    llm = load_llm(write_base(hf, tmp_path_factory.mktemp("base")), torch.float32, "cpu")
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 128, (n,), generator=g) for n in LENGTHS]
     with torch.no_grad():
@@ -67,20 +67,20 @@ def test_rows_ending_at_prefill(models):
 
 
 def test_prefill_into_chosen_rows(models):
-    """Prompts prefilled into rows 2 and then 1 of a live cache (a 1-token prompt takes the
-    decode-shaped path), then decoded together with row 0 idle."""
+    """Prompts prefilled into rows 2 and then 1 of a live cache (one of them a 1-token prompt),
+    then decoded together with row 0 idle."""
     llm, prompts, free, hf = models
     one = prompts[3][:1]
     with torch.no_grad():
         ref_one = hf.generate(one[None], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 1:].tolist()
-        llm.setup_cache(3, 32)
-        first2 = prefill(llm, llm.embed_tokens(prompts[1])[None], torch.tensor([len(prompts[1])]), rows=torch.tensor([2]))
-        first1 = prefill(llm, llm.embed_tokens(one)[None], torch.tensor([1]), rows=torch.tensor([1]))
+        cache = llm.new_cache(3, 32)
+        first2 = prefill(llm, cache, [llm.embed_tokens(prompts[1])], rows=torch.tensor([2]))
+        first1 = prefill(llm, cache, [llm.embed_tokens(one)], rows=torch.tensor([1]))
         tok = torch.tensor([0, int(first1), int(first2)])
         pos = torch.tensor([0, 1, len(prompts[1])])
         out = [tok.tolist()]
         for _ in range(3):
-            tok = decode_step(llm, tok, pos)
+            tok = decode_step(llm, cache, tok, pos)
             out.append(tok.tolist())
             pos = pos + torch.tensor([0, 1, 1])
     assert [row[1] for row in out] == ref_one and [row[2] for row in out] == free[1][:4]
@@ -89,18 +89,38 @@ def test_prefill_into_chosen_rows(models):
 def test_decode_step_compiles_without_graph_breaks(models):
     llm, prompts, free, _ = models
     with torch.no_grad():
-        llm.setup_cache(2, 32)
-        embeds = torch.zeros(2, 9, llm.cfg.dim)
-        embeds[0], embeds[1, :3] = llm.embed_tokens(prompts[0]), llm.embed_tokens(prompts[1])
-        tok = prefill(llm, embeds, torch.tensor([9, 3]))
+        cache = llm.new_cache(2, 32)
+        tok = prefill(llm, cache, [llm.embed_tokens(prompts[0]), llm.embed_tokens(prompts[1])])
         pos = torch.tensor([9, 3])
         compiled = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False)
         out = [tok.tolist()]
         for _ in range(3):
-            tok = compiled(llm, tok, pos)
+            tok = compiled(llm, cache, tok, pos)
             out.append(tok.tolist())
             pos = pos + 1
     assert [row[0] for row in out] == free[0][:4] and [row[1] for row in out] == free[1][:4]
+
+
+def test_generators_over_one_model_do_not_interfere(models):
+    """Two generators over one decoder, their steps interleaved: each owns its cache, so each gives
+    transformers' tokens, as it would alone."""
+    llm, prompts, free, _ = models
+    eos = common_token(free)
+    expected = {i: out[: out.index(eos)] if eos in out else out for i, out in enumerate(free)}
+    parts = ([5, 6, 0], [3, 4, 1, 2])  # 5 and 6 end at different steps: the first generator pauses with a row in flight
+    assert len(expected[5]) != len(expected[6])
+    runs = [BatchGenerator(llm, 2, max(LENGTHS) + NEW, eos).run(((i, llm.embed_tokens(prompts[i])) for i in part), NEW)
+            for part in parts]
+    got = {}
+    with torch.no_grad():
+        while runs:
+            for run in list(runs):
+                try:
+                    key, tokens = next(run)
+                    got[key] = tokens
+                except StopIteration:
+                    runs.remove(run)
+    assert got == expected
 
 
 def test_cuda_graph_needs_cuda(models):

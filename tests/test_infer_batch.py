@@ -10,7 +10,6 @@ from _infer_fixtures import REASONS, read_jsonl, shared_tiny_release, write_anno
 import infer
 from llavarad.engine import merge_results, run_queries
 from llavarad.images import load_image
-from llavarad.pipeline import describe
 from llavarad.records import load_records
 from llavarad.weights import load_llavarad
 
@@ -38,7 +37,7 @@ def run(setup, output, batch_size=3, records=None, **kw):
 def one_by_one(setup):
     """Each query alone through the single-image path (describe)."""
     tiny, tmp, queries, model, tokenizer = setup
-    return {r.id: describe(model, tokenizer, [load_image(str(queries.parent / r.image))], [REASONS[i]], NEW)[0]
+    return {r.id: infer.describe(model, tokenizer, [load_image(str(queries.parent / r.image))], [REASONS[i]], NEW)[0]
             for i, r in enumerate(load_records(queries))}
 
 
@@ -144,4 +143,4 @@ def test_cli_dicom_image(setup, capsys):
     assert infer.main(argv) == 0
     text = capsys.readouterr().out.strip()
     model, tokenizer = setup[3], setup[4]
-    assert text == describe(model, tokenizer, [load_image(dcm)], [None], NEW)[0]
+    assert text == infer.describe(model, tokenizer, [load_image(dcm)], [None], NEW)[0]

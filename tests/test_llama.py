@@ -11,7 +11,7 @@ LENGTHS = [5, 11, 17]
 
 
 def load_ours(hf, tmp_path, **kw):
-    return load_llm(write_base(hf, tmp_path / "base", **kw), {}, 1.0, torch.float32, "cpu")
+    return load_llm(write_base(hf, tmp_path / "base", **kw), torch.float32, "cpu")
 
 
 def right_pad(prompts: list[torch.Tensor], llm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,13 +57,13 @@ def test_cached_equals_uncached(tmp_path):
     with torch.no_grad():
         embeds, lengths = right_pad(prompts, llm)
         B, T, _ = embeds.shape
-        llm.setup_cache(B, T + steps)
-        h = llm(embeds, torch.arange(T).expand(B, T), use_cache=True)
+        cache = llm.new_cache(B, T + steps)
+        h = llm(embeds, torch.arange(T).expand(B, T), "prefill", cache)
         cached = [[llm.lm_head(h[b, lengths[b] - 1])] for b in range(B)]
         for t in range(steps):
             toks = torch.stack([c[t] for c in continuations])
             pos = (lengths + t)[:, None]
-            h = llm(llm.embed_tokens(toks)[:, None], pos, use_cache=True)
+            h = llm(llm.embed_tokens(toks)[:, None], pos, "decode", cache)
             for b in range(B):
                 cached[b].append(llm.lm_head(h[b, 0]))
         for b in range(B):
@@ -80,17 +80,16 @@ def test_greedy_matches_transformers_generate(tmp_path):
     with torch.no_grad():
         refs = [hf.generate(p[None], max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
         for p, ref in zip(prompts, refs):  # one by one
-            embeds, lengths = right_pad([p], llm)
-            assert greedy_generate(llm, embeds, lengths, 20, eos_id=-1)[0] == ref
-        embeds, lengths = right_pad(prompts, llm)  # batched, different lengths
-        assert greedy_generate(llm, embeds, lengths, 20, eos_id=-1) == refs
+            assert greedy_generate(llm, [llm.embed_tokens(p)], 20, eos_id=-1)[0] == ref
+        embeds = [llm.embed_tokens(p) for p in prompts]  # batched, different lengths
+        assert greedy_generate(llm, embeds, 20, eos_id=-1) == refs
 
 
 def test_greedy_stops_at_eos(tmp_path):
     llm = load_ours(tiny_hf_llama(), tmp_path)
     p = torch.randint(3, 128, (7,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        free = greedy_generate(llm, *right_pad([p], llm), 12, eos_id=-1)[0]
+        free = greedy_generate(llm, [llm.embed_tokens(p)], 12, eos_id=-1)[0]
         eos = free[4]  # pretend the 5th generated token is EOS
-        stopped = greedy_generate(llm, *right_pad([p], llm), 12, eos_id=eos)[0]
+        stopped = greedy_generate(llm, [llm.embed_tokens(p)], 12, eos_id=eos)[0]
     assert stopped == free[: free.index(eos)]

@@ -37,7 +37,7 @@ def test_merged_adapter_matches_peft_merge_and_unload(tmp_path, safetensors):
     with torch.no_grad():
         unmerged_ref = peft_model(ids).logits
         ref = peft_model.merge_and_unload()(ids).logits
-        llm = load_llm(base, adapter, scale, torch.float32, "cpu")
+        llm = load_llm(base, torch.float32, "cpu", adapter=adapter, scale=scale)
         ours = llm.lm_head(llm(llm.embed_tokens(ids), torch.arange(13).expand(2, 13)))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours, unmerged_ref, atol=1e-4, rtol=1e-4)
@@ -48,7 +48,7 @@ def test_unmerged_lora_linear_matches_peft(tmp_path):
     base = write_base(hf, tmp_path / "base")
     peft_model = peft_adapter(hf, tmp_path / "release")
     adapter, scale = load_adapter(tmp_path / "release")
-    llm = load_llm(base, {}, 1.0, torch.float32, "cpu")
+    llm = load_llm(base, torch.float32, "cpu")
     replaced = apply_lora(llm, LoRAConfig(r=8, alpha=16, dropout=0.0))
     assert len(replaced) == 2 * 7
     assert set(lora_state_dict(llm)) == set(adapter)

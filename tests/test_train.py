@@ -16,7 +16,7 @@ import infer
 import train
 from _release_fixtures import write_tiny_release
 from llavarad.config import LoRAConfig
-from llavarad.optim import get_lr
+from llavarad.train_loop import get_lr
 from llavarad.train_config import parse_train_args
 from llavarad.train_model import build_model
 from llavarad.weights import load_llavarad
