@@ -1,6 +1,6 @@
 """Write the Findings section for chest X-rays: one image, or every query of a query file.
 
-    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO]
+    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR]
     python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
     torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
@@ -8,6 +8,7 @@ One image: stdout carries only the findings text. A query file (the PhysioNet LL
 JSON or a JSONL of {"id", "image", "reason"?, "reference"?}): one JSON line per query in --output
 ({"id", "query", "reference", "prediction"}, or "error" for an unreadable image), appended as
 reports finish; rerunning the same command skips the ids already predicted. Logs go to stderr.
+--explain DIR also writes, per report, one heatmap overlay per sentence and a JSON of the maps.
 """
 
 import argparse
@@ -18,8 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llavarad.dist import close_distributed, init_distributed, print0
-from llavarad.engine import run_queries
+from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
+from llavarad.engine import read_results, run_queries
+from llavarad.explain import explain, explain_predictions, file_stem, make_folder, write_explanation
 from llavarad.generate import greedy_generate
 from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad
@@ -39,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", help="default: cuda (this rank's GPU under torchrun) when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--explain", metavar="DIR", help="write per-sentence heatmaps over the image (PNG) and their grids (JSON) to DIR")
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
     q.add_argument("--image-folder", help="root of the records' image paths (default: the query file's folder)")
@@ -83,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.query_file:
             return run_batch(args, rank, world, device, dtype)
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
+        heatmaps = make_folder(args.explain) if args.explain else None
         model, tokenizer = load(args, device, dtype)
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
+        print(text, flush=True)
+        if heatmaps:
+            expl = explain(model, tokenizer, image, args.reason, text)
+            write_explanation(expl, heatmaps, file_stem(Path(args.image).stem))
     except (OSError, ValueError) as e:  # OSError: a missing file, an unwritable output...
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         close_distributed()
-    print(text)
     return 0
 
 
@@ -104,6 +111,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
 def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> int:
     records = load_records(args.query_file, args.loader)[: args.limit]  # fail on a bad query file first
     folder = Path(args.image_folder) if args.image_folder else Path(args.query_file).parent
+    heatmaps = make_folder(args.explain) if args.explain else None
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
     model, tokenizer = load(args, device, dtype)
     s = run_queries(
@@ -114,6 +122,11 @@ def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     rate = s.predicted / s.seconds if s.seconds else 0.0
     print0(f"done: {s.predicted} predicted, {s.skipped} skipped (already in {args.output}), {s.failed} failed; "
            f"{s.seconds:.1f}s ({rate:.2f} reports/s)", file=sys.stderr)
+    if heatmaps:
+        barrier()  # rank 0 has merged the predictions
+        predictions = {str(r["id"]): r["prediction"] for r in read_results(Path(args.output)) if "prediction" in r}
+        n = sum_across_ranks([explain_predictions(model, tokenizer, records, folder, predictions, heatmaps, rank, world)])[0]
+        print0(f"explained {n} reports in {heatmaps}", file=sys.stderr)
     return 0
 
 

@@ -7,7 +7,9 @@
         --projector runs/pretrain/mm_projector.bin ... --output runs/lora
 
 Every setting of the config file can be given as a flag (`global_batch` -> `--global-batch`);
-flags win. `--resume` continues from the newest checkpoint in the output folder.
+flags win; `--help` explains each. `--resume` continues from the newest checkpoint in the output
+folder, with the settings it was saved with: only those that leave the trained weights alone
+(logging, validation, checkpoints, workers, activation checkpointing) or the run's length may change.
 """
 
 import sys

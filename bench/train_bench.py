@@ -47,8 +47,9 @@ from llavarad.llama import Llama  # noqa: E402
 from llavarad.lora import lora_state_dict  # noqa: E402
 from llavarad.model import Projector  # noqa: E402
 from llavarad.parallel import parallelize  # noqa: E402
-from llavarad.tokenizer import IGNORE_INDEX  # noqa: E402
-from llavarad.train_loop import build_optimizer, flops_per_token, train_step  # noqa: E402
+from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from llavarad.train_loop import build_optimizer, loss_weights, train_step  # noqa: E402
+from llavarad.train_metrics import flops_per_token  # noqa: E402
 from llavarad.train_model import TrainModel, assemble, trainable_parameters  # noqa: E402
 from llavarad.vision import VisionConfig, VisionTower  # noqa: E402
 from llavarad.weights import ours_to_hf  # noqa: E402
@@ -105,11 +106,10 @@ def batch(cfg: LlamaConfig, vision: VisionConfig) -> dict:
     image, image_size = (vision.image_size // vision.patch_size) ** 2, vision.image_size
     samples = []
     for _ in range(BATCH):
-        n = image + TEXT
-        tokens = torch.randint(3, cfg.vocab_size, (n,), generator=g)
-        labels = torch.full((n,), IGNORE_INDEX)
-        labels[-SUPERVISED:] = tokens[-SUPERVISED:]
-        samples.append({"tokens": tokens, "labels": labels, "image_slots": (IMAGE_AT, image),
+        text = torch.randint(3, cfg.vocab_size, (TEXT,), generator=g).tolist()
+        labels = torch.full((image + TEXT,), IGNORE_INDEX)  # one per position once the image is spliced in
+        labels[-SUPERVISED:] = torch.tensor(text[-SUPERVISED:])
+        samples.append({"tokens": torch.tensor(text[:IMAGE_AT] + [IMAGE_TOKEN_INDEX] + text[IMAGE_AT:]), "labels": labels,
                         "pixels": torch.randn(3, image_size, image_size, generator=g), "missing": False, "truncated": False})
     return collate(samples)
 
@@ -163,12 +163,12 @@ def ours(s: Setup, checkpointing: str, steps: int) -> dict:
     params = list(named.values())
     optimizer = build_optimizer(params, 0.0, s.device)
     grads = first_grad_norms(optimizer, {hf_lora_name(k): p for k, p in named.items() if ".lora_" in k})
-    micro = [batch(s.cfg, s.vision)]
+    micro = [{k: v.to(s.device) if torch.is_tensor(v) else v for k, v in batch(s.cfg, s.vision).items()}]
     n_supervised = float(micro[0]["n_supervised"])
-    autocast = s.autocast()
+    weights = loss_weights([micro[0]["n_supervised"]], n_supervised, 1, "global")
 
     def step():
-        loss_sum, _ = train_step(model, micro, optimizer, params, LR, s.clip, n_supervised, 1, autocast, s.device)
+        loss_sum, _ = train_step(model, optimizer, micro, weights, LR, s.clip)
         return loss_sum / n_supervised
 
     return {**timed(step, steps, s.device), "first_lora_grad_norms": grads}
@@ -182,7 +182,7 @@ def our_inputs(model: TrainModel, b: dict, s: Setup) -> torch.Tensor:
     hook = model.llm.register_forward_pre_hook(lambda _, args: caught.append(args[0]))
     b = {k: v.to(s.device) if torch.is_tensor(v) else v for k, v in b.items()}
     with s.autocast():
-        model(b["pixels"], b["tokens"], b["image_mask"], b["labels"])
+        model(b["pixels"], b["ids"], b["labels"])
     hook.remove()
     return caught[0]
 

@@ -68,18 +68,24 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict) -> int:
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json: what the caller passed to save_checkpoint, the step and the world size."""
+    return json.loads((path / "meta.json").read_text())
+
+
+def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
     """Restore this rank's state saved by save_checkpoint; returns the step to continue from."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    saved = json.loads((path / "meta.json").read_text())
+    saved = read_meta(path)
     if saved["world_size"] != world:
         raise ValueError(f"{path}: saved by {saved['world_size']} processes, resumed with {world}; resume with the same number")
-    for key, value in meta.items():
-        if saved.get(key) != value:
-            raise ValueError(f"{path}: saved with {key}={saved.get(key)!r}, this run has {key}={value!r}")
     state = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
     if set(state["params"]) != set(params):
         raise ValueError(f"{path}: holds {sorted(set(state['params']) ^ set(params))[:3]}... that this model does not match")
+    for name, p in params.items():
+        if state["params"][name].shape != _local(p).shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(state['params'][name].shape)}, this model's is "
+                             f"{tuple(_local(p).shape)}")
     with torch.no_grad():
         for name, p in params.items():
             _local(p).copy_(state["params"][name])

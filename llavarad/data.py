@@ -1,18 +1,21 @@
 """Training data: records -> token ids with label masks + preprocessed image, batched with little padding.
 
 - `TrainDataset` tokenizes one record with the stage's template ("plain" or "v1", llavarad.tokenizer)
-  and loads + preprocesses its image; it runs in the DataLoader's worker processes. The image
-  token is expanded in place into the N slots the projected patches will fill, so the model only
-  scatters features into a mask. A sample longer than `max_len` is cut at the end (and reported);
-  an unreadable image gives a sample with nothing supervised (counted, see train_loop).
+  and loads + preprocesses its image; it runs in the DataLoader's worker processes. A sample of
+  more than `max_len` token ids is cut at the end (and reported) while the image is still one
+  token, as the official collator cuts. Its labels get the N image positions that
+  `model.splice_image` (the one splice, shared with inference) puts in place of the image token.
+  An unreadable image gives a sample with nothing supervised (counted, see train_loop).
 - `StepSampler` deals out micro-batches as a pure function of the optimizer step: step s takes the
-  next `global_batch` indices of a per-epoch permutation, sorts them by length so each micro-batch
-  holds samples of similar lengths (little padding), and deals the micro-batches to the ranks. Resuming
-  at step s needs only s, and the global batch is the same whatever the world size.
-- `collate` right-pads; causal attention never lets a real token see a pad, and pads are not supervised.
+  next `global_batch` indices of a per-epoch permutation (the epoch's last step the remainder),
+  sorts them by length so each micro-batch holds samples of similar lengths (little padding), and
+  deals the micro-batches to the ranks. Resuming at step s needs only s, and the global batch is
+  the same whatever the world size.
+- `collate` right-pads, the only place a batch is padded; causal attention never lets a real token
+  see a pad, and pads are not supervised.
 
-No packing: a LLaVA-Rad sample is 1369 image slots + 60 to 300 text tokens, so two never share a
-2048-token row, and length grouping already keeps padding to a few tokens per row.
+No packing: a LLaVA-Rad sample is 1369 image slots + 60 to 300 text tokens, so two would rarely fit
+a row, and length grouping already keeps padding to a few tokens per row.
 """
 
 import sys
@@ -22,19 +25,23 @@ import torch
 from torch.utils.data import Dataset
 
 from llavarad.images import load_image, preprocess
+from llavarad.model import image_position
 from llavarad.records import Record, load_records
-from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
+from llavarad.tokenizer import IGNORE_INDEX, Tokenizer
 
 TEMPLATES = {"pretrain": "plain", "lora": "v1"}
+PAD_ID = 0  # <unk>, as the official training pads; padding is never attended to by a real token nor supervised
 
 
 def load_train_records(path: str | Path, loader: str) -> list[Record]:
-    """The records that have findings to learn; records with empty findings are dropped, and said so."""
+    """The records with a findings text, empty or whitespace-only ones included, as the official code
+    keeps them (see Tokenizer.encode_plain / encode_v1 for what they supervise); records with none
+    (a JSONL line without "reference") are dropped, and said so."""
     records = load_records(path, loader)
-    kept = [r for r in records if r.reference and r.reference.strip()]
+    kept = [r for r in records if isinstance(r.reference, str)]
     if len(kept) < len(records):
-        empty = next(r for r in records if not (r.reference and r.reference.strip()))
-        print(f"warning: {path}: skipped {len(records) - len(kept)} records with empty findings (e.g. id {empty.id})", file=sys.stderr)
+        none = next(r for r in records if not isinstance(r.reference, str))
+        print(f"warning: {path}: skipped {len(records) - len(kept)} records without findings (e.g. id {none.id})", file=sys.stderr)
     if not kept:
         raise ValueError(f"{path}: no record with findings to train on (loader {loader!r})")
     return kept
@@ -47,7 +54,8 @@ def text_length(record: Record, template: str) -> int:
 
 class TrainDataset(Dataset):
     """Index i < len: record i. Index i >= len: record i % len with nothing supervised, a filler
-    that gives every rank the same number of validation batches (FSDP needs every rank in every forward)."""
+    that fills an epoch's partial last step and gives every rank the same number of validation
+    batches (FSDP needs every rank in every forward)."""
 
     def __init__(self, records: list[Record], image_folder: str | Path, tokenizer: Tokenizer, template: str,
                  n_image_tokens: int, image_size: int, max_len: int):
@@ -55,9 +63,9 @@ class TrainDataset(Dataset):
             raise ValueError(f"template {template!r}: choose from {', '.join(TEMPLATES.values())}")
         self.records, self.image_folder, self.tokenizer = records, Path(image_folder), tokenizer
         self.template, self.n_image_tokens, self.image_size, self.max_len = template, n_image_tokens, image_size, max_len
-        at = self.encode(records[0])[0].index(IMAGE_TOKEN_INDEX)
-        if at + n_image_tokens >= max_len:
-            raise ValueError(f"max_len {max_len} cuts into the image: the {template} prompt needs at least {at + n_image_tokens + 1} tokens")
+        at = image_position(self.encode(records[0])[0])
+        if at >= max_len:
+            raise ValueError(f"max_len {max_len} cuts into the image: the {template} prompt needs at least {at + 1} tokens")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -65,20 +73,18 @@ class TrainDataset(Dataset):
     def encode(self, record: Record) -> tuple[list[int], list[int]]:
         if self.template == "plain":
             return self.tokenizer.encode_plain(record.reference)
-        return self.tokenizer.encode_v1(record.question, record.reference)
+        return self.tokenizer.encode_v1(record.question, record.reference, self.max_len)
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i % len(self.records)]
         ids, labels = self.encode(record)
-        at = ids.index(IMAGE_TOKEN_INDEX)
-        n = self.n_image_tokens
-        # The image token becomes n slots (token 0, never embedded: the patches overwrite them).
-        tokens = ids[:at] + [0] * n + ids[at + 1 :]
-        labels = labels[:at] + [IGNORE_INDEX] * n + labels[at + 1 :]
-        truncated = len(tokens) > self.max_len
+        # As the official collator: cut at max_len while the image is still one token.
+        truncated = len(ids) > self.max_len
         if truncated:
-            print(f"warning: record {record.id}: {len(tokens)} tokens, cut to max_len {self.max_len}", file=sys.stderr)
-            tokens, labels = tokens[: self.max_len], labels[: self.max_len]
+            print(f"warning: record {record.id}: {len(ids)} tokens, cut to max_len {self.max_len}", file=sys.stderr)
+            ids, labels = ids[: self.max_len], labels[: self.max_len]
+        at = image_position(ids)
+        labels = labels[:at] + [IGNORE_INDEX] * self.n_image_tokens + labels[at + 1 :]  # as splice_image places the image
         path = self.image_folder / record.image
         try:
             pixels = preprocess(load_image(path), self.image_size)  # (3, S, S)
@@ -89,9 +95,8 @@ class TrainDataset(Dataset):
         if missing or i >= len(self.records):
             labels = [IGNORE_INDEX] * len(labels)
         return {
-            "tokens": torch.tensor(tokens),
-            "labels": torch.tensor(labels),
-            "image_slots": (at, n),
+            "tokens": torch.tensor(ids),  # (T,): one IMAGE_TOKEN_INDEX
+            "labels": torch.tensor(labels),  # (T - 1 + N,): one per position of the spliced row
             "pixels": pixels,
             "missing": missing and i < len(self.records),
             "truncated": truncated and i < len(self.records),
@@ -99,27 +104,29 @@ class TrainDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Right-pad to the longest sample: tokens/labels/image_mask (B, T), pixels (B, 3, S, S), and counts
-    (made here, in the loader's workers, so the step loop only sums them)."""
+    """The batch, padded here and only here: `ids` (B lists of T token ids, right-padded with the pad
+    id, so every row keeps its one image token in place and model.splice_image makes each a row of
+    T - 1 + N embeddings), labels (B, T - 1 + N) padded with IGNORE_INDEX, pixels (B, 3, S, S), and
+    counts (made here, in the loader's workers, so the step loop only sums them)."""
     B, T = len(samples), max(len(s["tokens"]) for s in samples)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    image_mask = torch.zeros(B, T, dtype=torch.bool)
+    ids = [s["tokens"].tolist() + [PAD_ID] * (T - len(s["tokens"])) for s in samples]
+    labels = torch.full((B, max(len(s["labels"]) for s in samples)), IGNORE_INDEX, dtype=torch.long)
     for b, s in enumerate(samples):
-        n = len(s["tokens"])
-        tokens[b, :n], labels[b, :n] = s["tokens"], s["labels"]
-        at, n_image = s["image_slots"]
-        image_mask[b, at : at + n_image] = True
+        labels[b, : len(s["labels"])] = s["labels"]
     return {
-        "tokens": tokens,
+        "ids": ids,
         "labels": labels,
-        "image_mask": image_mask,
         "pixels": torch.stack([s["pixels"] for s in samples]),
         "n_supervised": int((labels[:, 1:] != IGNORE_INDEX).sum()),  # tokens with a target: the loss's denominator
-        "n_real": sum(len(s["tokens"]) for s in samples),  # tokens that are not padding
+        "n_real": sum(len(s["labels"]) for s in samples),  # positions that are not padding
         "n_missing": sum(s["missing"] for s in samples),
         "n_truncated": sum(s["truncated"] for s in samples),
     }
+
+
+def steps_per_epoch(n_samples: int, global_batch: int) -> int:
+    """As the official Trainer: the last, partial global batch of an epoch is a step too."""
+    return -(-n_samples // global_batch)
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
@@ -134,18 +141,18 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
 
 class StepSampler:
     """The batch sampler of one rank: for each optimizer step in [start_step, total_steps), its
-    `accum` micro-batches, in order. Epochs follow each other without a break; the last
-    len % global_batch samples of each epoch's permutation wait for a later epoch."""
+    `accum` micro-batches, in order. Epochs follow each other without a break. The last step of an
+    epoch takes the len % global_batch remaining samples (when there are any), and unsupervised
+    fillers (indices >= len, see TrainDataset: copies of its shortest sample) keep every rank's
+    micro-batches full, so each sample is seen once per epoch and nothing else weighs in the loss."""
 
     def __init__(self, lengths: list[int], global_batch: int, micro_batch: int, rank: int, world: int,
                  seed: int, start_step: int, total_steps: int):
         self.accum = accumulation_steps(global_batch, micro_batch, world)
-        if len(lengths) < global_batch:
-            raise ValueError(f"{len(lengths)} samples are fewer than one global batch of {global_batch}")
         self.lengths, self.global_batch, self.micro_batch = lengths, global_batch, micro_batch
         self.rank, self.world, self.seed = rank, world, seed
         self.start_step, self.total_steps = start_step, total_steps
-        self.steps_per_epoch = len(lengths) // global_batch
+        self.steps_per_epoch = steps_per_epoch(len(lengths), global_batch)
         self._epoch, self._perm = -1, []
 
     def micro_batches(self, step: int) -> list[list[int]]:
@@ -156,6 +163,7 @@ class StepSampler:
             self._epoch, self._perm = epoch, torch.randperm(len(self.lengths), generator=g).tolist()
         batch = self._perm[k * self.global_batch : (k + 1) * self.global_batch]
         batch.sort(key=lambda i: -self.lengths[i])
+        batch += [len(self.lengths) + batch[-1]] * (self.global_batch - len(batch))  # fillers in a partial batch
         return [batch[j : j + self.micro_batch] for j in range(0, self.global_batch, self.micro_batch)]
 
     def __iter__(self):

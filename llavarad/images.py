@@ -105,6 +105,16 @@ def load_image(path: str) -> Image.Image:
     return Image.fromarray(_minmax_to_uint8(values, path)).convert("RGB")
 
 
+def resize_and_crop(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """The geometry of `preprocess` for a w x h image: the resized (new_w, new_h) and the crop's
+    (left, top) in the resized image; the crop is size x size."""
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
 def preprocess(image: Image.Image, size: int = 518) -> Tensor:
     """PIL image -> (3, size, size) float32: open_clip's default eval transform, step for step.
 
@@ -114,14 +124,8 @@ def preprocess(image: Image.Image, size: int = 518) -> Tensor:
     open_clip does), scale to [0, 1], normalize with the OpenAI CLIP mean and std.
     Pass the output of load_image: a 16-bit image given here directly would be clipped as in open_clip.
     """
-    w, h = image.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_w, new_h, left, top = resize_and_crop(*image.size, size)
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
     image = image.crop((left, top, left + size, top + size)).convert("RGB")
     x = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
     x = x.permute(2, 0, 1).float().div(255)  # (3, S, S) in [0, 1]

@@ -29,9 +29,9 @@ def splice_image(ids: list[int], image: Tensor, embed: nn.Embedding) -> Tensor:
     embeddings (T - 1 + N, dim), the features in place of the image token.
 
     Inference calls it per prompt (`LlavaRad.embed`) and pads only when a batch forms (prefill).
-    Training can call it the same way: per sample, splice_image(ids, image_feats[b], llm.embed_tokens),
-    then right-pad the rows into (B, T, dim), with the labels expanded by the same index math
-    (labels[:at] + [IGNORE_INDEX] * N + labels[at + 1:], at = image_position(ids)).
+    Training pads the ids where its batch forms (data.collate, each row keeping its one image
+    token), so the spliced rows have one length and stack; the dataset gives the labels the same
+    N image positions (labels[:at] + [IGNORE_INDEX] * N + labels[at + 1:], at = image_position(ids)).
     """
     at = image_position(ids)
     before = torch.tensor(ids[:at], dtype=torch.long, device=embed.weight.device)

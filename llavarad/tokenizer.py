@@ -85,13 +85,15 @@ class Tokenizer:
         return ids
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """BOS, then the chunks around each "<image>", separated by IMAGE_TOKEN_INDEX."""
-        ids = [self.bos_id]
-        for i, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
-            if i:
-                ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(self.encode_text(chunk))
-        return ids
+        """BOS, the text before the first "<image>", IMAGE_TOKEN_INDEX, the text after it.
+
+        Only the first "<image>" is the image: the templates put it before any reason or findings,
+        so a literal "<image>" inside those is encoded as the text it is. (The official code makes
+        every "<image>" a sentinel and crashes on the second; the embedding must never see one.)
+        """
+        before, image, after = prompt.partition(IMAGE_TOKEN)
+        ids = [self.bos_id] + self.encode_text(before)
+        return ids + [IMAGE_TOKEN_INDEX] + self.encode_text(after) if image else ids
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids -> text, as the official evaluation post-processes it.
@@ -113,7 +115,7 @@ class Tokenizer:
         n_masked = len(self.encode_prompt(IMAGE_TOKEN))  # BOS and the image
         return ids, [IGNORE_INDEX] * n_masked + ids[n_masked:]
 
-    def encode_v1(self, question: str, findings: str) -> tuple[list[int], list[int]]:
+    def encode_v1(self, question: str, findings: str, max_len: int | None = None) -> tuple[list[int], list[int]]:
         """Stage-2 (Vicuna "v1") sample: the inference prompt + " " + findings + "</s>".
 
         Labels follow the official `preprocess_v1`, so that odd texts get its masks too: the text
@@ -121,8 +123,9 @@ class Tokenizer:
         its instruction (up to "ASSISTANT: ") is ignored. The "- 2" drops the instruction's own BOS
         and the lone "▁" its trailing space makes, a position the answer's first token takes. When
         the counts miss the sample's length (a round without exactly one " ASSISTANT: ", an empty
-        answer, "<unk>" in the text) every label is ignored, as there. With a normal answer only
-        the answer tokens and the final EOS are supervised.
+        answer, "<unk>" in the text) every label is ignored, as there, unless the count reaches
+        `max_len` (the official model_max_length), where the official skips that check. With a
+        normal answer only the answer tokens and the final EOS are supervised.
         """
         conversation = build_prompt(question)
         if findings:  # an empty message renders as "ASSISTANT:" with no "</s>"
@@ -131,17 +134,18 @@ class Tokenizer:
         labels = list(ids)
         labels[0] = IGNORE_INDEX  # BOS
         start = 1
-        for turn in conversation.split(_EOS_TEXT):
+        for k, turn in enumerate(conversation.split(_EOS_TEXT)):
             parts = turn.split(_ANSWER_SEP)
             if len(parts) != 2:  # also the empty text after the last "</s>"
                 break
-            n_instruction = len(self.encode_prompt(parts[0] + _ANSWER_SEP)) - 2
+            # The image is in the first turn only; a later turn's "<image>" is text, as in `ids`.
+            encode = self.encode_prompt if k == 0 else lambda text: [self.bos_id] + self.encode_text(text)
+            n_instruction = len(encode(parts[0] + _ANSWER_SEP)) - 2
             _ignore(labels, start, start + n_instruction)
-            start += len(self.encode_prompt(turn))
+            start += len(encode(turn))
         _ignore(labels, start, len(labels))
-        # The official check counts the ids that differ from the pad id (<unk>). It skips samples
-        # of model_max_length tokens or more; the caller truncates, so we check them all.
-        if start != sum(i != self.pad_id for i in ids):
+        # The official check counts the ids that differ from the pad id (<unk>).
+        if (max_len is None or start < max_len) and start != sum(i != self.pad_id for i in ids):
             _ignore(labels, 0, len(labels))
         return ids, labels
 

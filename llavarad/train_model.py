@@ -3,8 +3,9 @@ with LoRA), and the summed next-token loss over the supervised positions.
 
 Precision ("bfloat16"): the frozen weights are stored in bf16 (a 7B decoder takes 13.5 GB, not 27),
 what trains (projector, LoRA) stays in float32 as the optimizer's master copy, and the forward runs
-under bf16 autocast, which casts the float32 weights for each matmul. "float32" keeps everything in
-float32 with no autocast (the CPU tests).
+under bf16 autocast (TrainModel.forward turns it on when the frozen weights are bf16), which casts
+the float32 weights for each matmul. "float32" keeps everything in float32 with no autocast (the
+CPU tests).
 """
 
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from llavarad.config import LoRAConfig
 from llavarad.llama import Llama
 from llavarad.lora import apply_lora
-from llavarad.model import LlavaRad, Projector
+from llavarad.model import LlavaRad, Projector, splice_image
 from llavarad.tokenizer import IGNORE_INDEX
 from llavarad.vision import VisionTower, load_tower
 from llavarad.weights import TOWER_CKPT, TOWER_JSON, load_llm, load_projector, resolve_folder
@@ -26,19 +27,21 @@ class TrainModel(LlavaRad):
     """LlavaRad (tower, projector and decoder under one root, so that FSDP gathers every weight the
     forward uses) with the training forward: images encoded as at inference, the loss over the labels."""
 
-    def forward(self, pixels: Tensor, tokens: Tensor, image_mask: Tensor, labels: Tensor) -> Tensor:
-        """pixels (B, 3, S, S); tokens, image_mask, labels (B, T) from data.collate ->
-        the cross-entropy summed over the supervised tokens (normalising is the caller's job,
-        since it divides by the count over all micro-batches and ranks)."""
-        B, T = tokens.shape
-        image = self.encode_images(pixels)  # (B, N, dim); the tower is frozen, so the gradient starts at the projector
-        h = self.llm.embed_tokens(tokens)  # (B, T, dim)
-        h = h.masked_scatter(image_mask[..., None], image.to(h.dtype))  # the N patches into their N slots
-        pos = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T); right padding keeps positions
-        h = self.llm(h, pos)  # (B, T, dim)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = targets != IGNORE_INDEX
-        logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
+    def forward(self, pixels: Tensor, ids: list[list[int]], labels: Tensor) -> Tensor:
+        """pixels (B, 3, S, S); ids (B rows of T token ids, one image token each) and labels
+        (B, T - 1 + N) from data.collate -> the cross-entropy summed over the supervised tokens
+        (normalising is the caller's job: see train_loop.loss_weights)."""
+        bf16 = self.llm.embed_tokens.weight.dtype == torch.bfloat16  # the "bfloat16" recipe: autocast the matmuls
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            image = self.encode_images(pixels)  # (B, N, dim); the tower is frozen, so the gradient starts at the projector
+            # Rows padded alike in collate splice to one length: (B, T - 1 + N, dim)
+            h = torch.stack([splice_image(row, image[b], self.llm.embed_tokens) for b, row in enumerate(ids)])
+            B, T = h.shape[:2]
+            pos = torch.arange(T, device=h.device).expand(B, T)  # (B, T); right padding keeps positions
+            h = self.llm(h, pos)  # (B, T, dim)
+            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+            keep = targets != IGNORE_INDEX
+            logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
     def train(self, mode: bool = True) -> "TrainModel":

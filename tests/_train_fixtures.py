@@ -107,6 +107,7 @@ def train_args(root: Path, base: Path, tower: Path, data: Path, images: Path, ou
         "stage": stage, "data": data, "image_folder": images, "base": base, "tower": tower, "output": root / output,
         "global_batch": 8, "micro_batch": 4, "max_steps": 30, "lr": 1e-2, "dtype": "float32", "num_workers": 0,
         "log_every": 1, "save_every": 0, "max_len": 256, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "grad_clip": 1.0,  # the configs have none (official); the tests keep clipping exercised, FSDP's sharded norm too
     }
     settings.update(overrides)
     args = []

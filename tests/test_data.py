@@ -9,7 +9,7 @@ from _sp_fixtures import train_tiny_sp
 from _train_fixtures import FINDINGS, N_IMAGE, annotation, write_data
 
 from llavarad.data import StepSampler, TrainDataset, accumulation_steps, collate, eval_batches, load_train_records
-from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
+from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, build_prompt
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,9 @@ def dataset(world, template, max_len=256, records=None):
     return TrainDataset(records, images, tokenizer, template, N_IMAGE, 28, max_len)
 
 
-def expand(ids, labels):
-    """The tokenizer's sample with the image token widened to N_IMAGE unsupervised slots."""
-    at = ids.index(IMAGE_TOKEN_INDEX)
-    return ids[:at] + [0] * N_IMAGE + ids[at + 1 :], labels[:at] + [IGNORE_INDEX] * N_IMAGE + labels[at + 1 :], at
+def expand(labels, at):
+    """The tokenizer's labels with the image token widened to the N_IMAGE unsupervised positions of its features."""
+    return labels[:at] + [IGNORE_INDEX] * N_IMAGE + labels[at + 1 :]
 
 
 @pytest.mark.parametrize("template", ["plain", "v1"])
@@ -36,27 +35,27 @@ def test_collate_keeps_the_tokenizer_masks(world, template):
     ds = dataset(world, template)
     tokenizer = world[3]
     batch = collate([ds[i] for i in range(4)])  # records 0, 2 with a reason; 1, 3 without
-    assert batch["tokens"].shape[0] == 4 and batch["pixels"].shape == (4, 3, 28, 28)
+    assert len(batch["ids"]) == 4 and batch["pixels"].shape == (4, 3, 28, 28)
+    T = max(len(row) for row in batch["ids"])
+    assert {len(row) for row in batch["ids"]} == {T} and batch["labels"].shape == (4, T - 1 + N_IMAGE)
     n_supervised = 0
     for b in range(4):
         rec = ds.records[b]
         ids, labels = tokenizer.encode_plain(rec.reference) if template == "plain" else tokenizer.encode_v1(rec.question, rec.reference)
-        tokens, labels, at = expand(ids, labels)
-        n = len(tokens)
-        assert batch["tokens"][b, :n].tolist()[:at] == tokens[:at]
-        assert batch["tokens"][b, at + N_IMAGE : n].tolist() == tokens[at + N_IMAGE :]
-        assert batch["labels"][b, :n].tolist() == labels
+        at = ids.index(IMAGE_TOKEN_INDEX)
+        assert batch["ids"][b] == ids + [0] * (T - len(ids))  # right-padded with <unk>, the image token in place
+        n = len(ids) - 1 + N_IMAGE  # positions once splice_image puts the N_IMAGE features at `at`
+        assert batch["labels"][b, :n].tolist() == expand(labels, at)
         assert (batch["labels"][b, n:] == IGNORE_INDEX).all()  # right padding is never supervised
-        assert batch["image_mask"][b].nonzero().flatten().tolist() == list(range(at, at + N_IMAGE))
         # What is supervised: the findings (+ newline) in plain, the answer (+ </s>) in v1.
-        supervised = [t for t, l in zip(tokens, labels) if l != IGNORE_INDEX]
+        supervised = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
         n_supervised += len(supervised)
         if template == "plain":
             assert supervised == tokenizer.encode_text(rec.reference + "\n")
         else:
             assert supervised == tokenizer.encode_text(" " + rec.reference + "</s>")[-len(supervised) :]
             assert tokenizer.decode(supervised) == rec.reference
-    assert batch["n_real"] == sum(len(ds[i]["tokens"]) for i in range(4))
+    assert batch["n_real"] == sum(len(ds[i]["tokens"]) - 1 + N_IMAGE for i in range(4))
     assert batch["n_supervised"] == n_supervised
 
 
@@ -87,14 +86,65 @@ def test_unreadable_image_is_skipped_and_counted(world, tmp_path, capsys):
     assert "nowhere.png" in capsys.readouterr().err
 
 
-def test_empty_findings_are_skipped_with_a_message(tmp_path, capsys):
+def test_empty_and_whitespace_findings_are_kept_as_the_official_code_keeps_them(world, tmp_path):
+    """REFERENCE: "plain" supervises the findings' tokens and the newline; "v1" masks "" whole but
+    supervises "   " and </s>."""
+    root, _, images, tokenizer = world
     path = tmp_path / "a.json"
-    path.write_text(json.dumps([annotation(0, "Clear lungs.", None), annotation(1, "  ", None)]))
-    assert [r.id for r in load_train_records(path, "mimic_train_findings")] == ["s0"]
-    assert "1 records with empty findings (e.g. id s1)" in capsys.readouterr().err
-    path.write_text(json.dumps([annotation(1, "", None)]))
+    path.write_text(json.dumps([annotation(0, "", None), annotation(1, "   ", "Cough.")]))
+    records = load_train_records(path, "mimic_train_findings")
+    assert [(r.id, r.reference) for r in records] == [("s0", ""), ("s1", "   ")]
+    plain, v1 = (TrainDataset(records, images, tokenizer, t, N_IMAGE, 28, 256) for t in ("plain", "v1"))
+    for i, findings in enumerate(["", "   "]):
+        sample = plain[i]
+        assert supervised(sample) == tokenizer.sp.encode(findings + "\n")  # after [BOS, image]
+    assert supervised(v1[0]) == []
+    whitespace = supervised(v1[1])
+    assert whitespace[-1] == tokenizer.eos_id and whitespace == v1[1]["tokens"][-len(whitespace) :].tolist()
+    prompt = tokenizer.encode_prompt(build_prompt(records[1].question))
+    assert whitespace == tokenizer.encode_prompt(build_prompt(records[1].question) + "    </s>")[len(prompt) :]
+
+
+def test_records_without_findings_are_skipped_with_a_message(tmp_path, capsys):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"id": "a", "image": "a.png", "reference": ""}\n{"id": "b", "image": "b.png"}\n')
+    assert [r.id for r in load_train_records(path, "default")] == ["a"]
+    assert "skipped 1 records without findings (e.g. id b)" in capsys.readouterr().err
+    path.write_text('{"id": "b", "image": "b.png"}\n')
     with pytest.raises(ValueError, match="no record with findings"):
-        load_train_records(path, "mimic_train_findings")
+        load_train_records(path, "default")
+
+
+def test_a_literal_image_tag_in_findings_is_text(world):
+    """Only the template's image becomes the image; the official code would hand a second -200 to the embedding."""
+    root, data, images, tokenizer = world
+    records = load_train_records(data, "mimic_train_findings")[:1]
+    records[0].reference = "Compare with <image> prior."
+    for template in ("plain", "v1"):
+        sample = TrainDataset(records, images, tokenizer, template, N_IMAGE, 28, 256)[0]
+        assert sample["tokens"].tolist().count(IMAGE_TOKEN_INDEX) == 1
+        expected = tokenizer.sp.encode("Compare with <image> prior.\n") if template == "plain" else \
+            tokenizer.sp.encode(" Compare with <image> prior.")[1:] + [tokenizer.eos_id]  # the lone "▁" goes to the prompt
+        assert supervised(sample) == expected, template
+
+
+def test_max_len_counts_the_image_as_one_token_as_the_official_collator(world):
+    """Official: input_ids[:, :model_max_length] while the image is one id, then the id becomes N slots,
+    so a cut sample is max_len - 1 + N long and keeps the labels of ids[:max_len]."""
+    root, data, images, tokenizer = world
+    records = load_train_records(data, "mimic_train_findings")
+    ids, labels = tokenizer.encode_v1(records[1].question, records[1].reference)
+    at, max_len = ids.index(IMAGE_TOKEN_INDEX), len(ids) - 2  # cuts the answer's last piece and </s>
+    sample = dataset(world, "v1", max_len=max_len)[1]
+    assert sample["truncated"] and sample["tokens"].tolist() == ids[:max_len]
+    assert len(sample["labels"]) == max_len - 1 + N_IMAGE  # positions once the image is spliced in
+    assert sample["labels"].tolist() == labels[:at] + [IGNORE_INDEX] * N_IMAGE + labels[at + 1 : max_len]
+    assert len(supervised(sample)) == sum(l != IGNORE_INDEX for l in labels) - 2
+    assert not dataset(world, "v1", max_len=len(ids))[1]["truncated"]
+
+
+def supervised(sample: dict) -> list[int]:
+    return [t for t in sample["labels"].tolist() if t != IGNORE_INDEX]
 
 
 def test_global_batch_that_the_world_does_not_divide():
@@ -120,20 +170,26 @@ def test_sampler_is_the_same_global_batch_for_any_world_size():
         assert sorted(map(tuple, ranks[0][step] + ranks[1][step])) == sorted(map(tuple, one[step]))
 
 
-def test_sampler_epochs_and_resume():
-    per_epoch = len(LENGTHS) // 8  # 6 steps; 2 samples wait for a later epoch
-    flat = [i for step in steps(1, 0, total=2 * per_epoch) for mb in step for i in mb]
+def test_sampler_epochs_keep_the_last_partial_batch_and_resume():
+    """As the official Trainer: ceil(50 / 8) = 7 steps per epoch, the 7th with the 2 remaining samples
+    and 6 unsupervised fillers (index 50 + its shortest sample, see TrainDataset)."""
+    per_epoch = 7
+    run = steps(1, 0, total=2 * per_epoch)
+    flat = [i for step in run for mb in step for i in mb]
     for epoch in range(2):
         seen = flat[epoch * per_epoch * 8 : (epoch + 1) * per_epoch * 8]
-        assert len(set(seen)) == len(seen) == 48  # no sample twice in an epoch
-    assert flat[:48] != flat[48:]  # a new permutation each epoch
+        assert sorted(i for i in seen if i < 50) == list(range(50))  # every sample once in an epoch
+        last = seen[-8:]
+        assert last[2:] == [50 + last[1]] * 6 and LENGTHS[last[1]] <= LENGTHS[last[0]]
+        assert all(i < 50 for i in seen[:-8])
+    assert flat[:56] != flat[56:]  # a new permutation each epoch
     assert steps(2, 1, start=4) == steps(2, 1)[4:]  # resuming at step 4 = the rest of the run
 
 
 def test_sampler_groups_lengths():
     g = torch.Generator().manual_seed(1)
     padded = padded_random = real = 0
-    for step in steps(1, 0):
+    for step in steps(1, 0, total=6):  # the full steps of the first epoch
         batch = [i for mb in step for i in mb]
         assert [LENGTHS[i] for i in batch] == sorted((LENGTHS[i] for i in batch), reverse=True)
         shuffled = [batch[j] for j in torch.randperm(len(batch), generator=g)]

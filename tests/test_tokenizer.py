@@ -199,7 +199,7 @@ def test_encode_text_matches_hf(ours, hf):
 
 def test_encode_prompt_matches_official_tokenizer_image_token(ours, hf):
     prompts = [build_prompt(build_question(r)) for r in REASONS]
-    prompts += ["<image>", "", "<image><image>", "x<image>", "<image>x</s>", " <image> ", "<s><image></s>y"]
+    prompts += ["<image>", "", "x<image>", "<image>x</s>", " <image> ", "<s><image></s>y"]
     for prompt in prompts:
         assert ours.encode_prompt(prompt) == official_tokenizer_image_token(prompt, hf), repr(prompt)
     # The chunk after the image gets the dummy-prefix space, then the newline byte.
@@ -207,6 +207,34 @@ def test_encode_prompt_matches_official_tokenizer_image_token(ours, hf):
     at = ids.index(IMAGE_TOKEN_INDEX)
     assert ids[0] == 1 and ids.count(IMAGE_TOKEN_INDEX) == 1
     assert [ours.sp.id_to_piece(i) for i in ids[at + 1 : at + 3]] == ["▁", "<0x0A>"]
+
+
+def test_only_the_templates_image_is_the_image_token(ours):
+    """A second "<image>" (the official code would hand a second -200 to the embedding and crash) is
+    text: here a reason that build_question's one-pass removal turns into "<image>"."""
+    question = build_question("<<image>image> seen")
+    assert question.endswith("indication: <image> seen")
+    ids = ours.encode_prompt(build_prompt(question))
+    assert ids == [1] + ours.sp.encode(SYSTEM + " USER: ") + [IMAGE_TOKEN_INDEX] + ours.sp.encode("\n" + question + " ASSISTANT:")
+    assert ours.encode_prompt("<image><image>") == [1, IMAGE_TOKEN_INDEX] + ours.sp.encode("<image>")
+    for findings in ("<image>", "a</s>b <image> ASSISTANT: c"):  # also in a later round of the v1 count
+        ids, labels = ours.encode_v1(question, findings)
+        assert ids.count(IMAGE_TOKEN_INDEX) == 1 and IMAGE_TOKEN_INDEX not in labels
+
+
+def test_v1_mismatch_check_is_skipped_from_model_max_length_on_as_official(ours, hf):
+    """The official preprocess_v1 masks a sample whose round counts miss its length only while the
+    count is under model_max_length; encode_v1's max_len is that limit."""
+    question = build_question("Cough.")
+    user = official_preprocess_multimodal(official_loader_value("Cough."))
+    for findings in ("<unk> unknown", "Mild cardiomegaly."):
+        n = len(ours.encode_v1(question, findings)[0])
+        for max_len in (10, n - 1, n, n + 1, 2048):
+            ours_ids = ours.encode_v1(question, findings, max_len)
+            assert ours_ids == official_preprocess_v1(user, findings, hf, model_max_length=max_len), (findings, max_len)
+    masked = ours.encode_v1(question, "<unk> unknown", 2048)[1]
+    kept = ours.encode_v1(question, "<unk> unknown", 10)[1]
+    assert set(masked) == {IGNORE_INDEX} and set(kept) != {IGNORE_INDEX}
 
 
 def test_decode_matches_official_postprocessing(ours, hf):

@@ -4,31 +4,30 @@ infer.py, in peft and in stage 2, the lr schedule is transformers', and bad sett
 import importlib.util
 import json
 import math
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _train_fixtures import FINDINGS, REASONS, read_metrics, train_args, write_base_and_tower, write_data
 from peft import PeftModel
+from torch import nn
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 import infer
 import train
 from _release_fixtures import write_tiny_release
 from llavarad.config import LoRAConfig
-from llavarad.train_loop import get_lr
-from llavarad.train_config import parse_train_args
+from llavarad.model import Projector
+from llavarad.tokenizer import IGNORE_INDEX
+from llavarad.train_config import TrainConfig, parse_train_args
+from llavarad.train_loop import get_lr, loss_weights, train_step
 from llavarad.train_model import build_model
 from llavarad.weights import load_llavarad
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +121,9 @@ def small(tmp_path_factory):
 
 def run_main(small, capsys, output, **overrides):
     root, base, tower, data, images = small
-    rc = train.main(train_args(root, base, tower, data, images, output, max_steps=2, **overrides))
-    return rc, capsys.readouterr().err
+    rc = train.main(train_args(root, base, tower, data, images, output, **{"max_steps": 2, **overrides}))
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err  # the log lines (stdout), warnings and errors (stderr)
 
 
 def test_error_global_batch_not_divisible(small, capsys, tmp_path):
@@ -194,6 +194,7 @@ def test_shipped_configs_are_the_official_recipe(name):
     recipe = {"pretrain": (1e-3, 1, 256), "lora": (1e-4, 3, 64)}[name]
     assert (cfg.stage, cfg.lr, cfg.epochs, cfg.global_batch) == (name, *recipe)
     assert (cfg.warmup_ratio, cfg.weight_decay, cfg.max_len, cfg.dtype) == (0.03, 0.0, 2048, "bfloat16")
+    assert (cfg.grad_clip, cfg.loss_norm) == (0.0, "global")  # the official runs had no clipping
     if name == "lora":
         assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 128.0, 0.05)
 
@@ -217,3 +218,153 @@ def test_train_bench_smoke_matches_transformers_peft(tmp_path):
     assert len(grads) == 2 * 7 * 2  # lora_A and lora_B of 7 modules in each of the 2 layers
     assert min(g for name, g in grads.items() if name.endswith("lora_B")) > 1e-3  # lora_A's is 0 while B = 0
     assert hf["first_lora_grad_norms"] == pytest.approx(grads, rel=1e-4)
+
+
+class Toy(nn.Module):
+    """train_step's model interface on a 3 -> 5 linear map per token: the summed cross-entropy over the
+    supervised positions (the pixels stand in for the decoder's hidden states)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Linear(3, 5, bias=False)
+
+    def set_requires_gradient_sync(self, _: bool) -> None:
+        pass
+
+    def forward(self, pixels, ids, labels):
+        keep = labels != IGNORE_INDEX
+        return F.cross_entropy(self.w(pixels)[keep], labels[keep], reduction="sum")
+
+
+def toy_micro_batches():
+    """Two micro-batches of 2 x 4 tokens with 3 and 5 supervised tokens."""
+    g = torch.Generator().manual_seed(0)
+    micro = []
+    for supervised in ([[1, 0, 0, 0], [1, 1, 0, 0]], [[1, 1, 1, 0], [1, 1, 0, 0]]):
+        keep = torch.tensor(supervised, dtype=torch.bool)
+        labels = torch.randint(0, 5, (2, 4), generator=g).masked_fill(~keep, IGNORE_INDEX)
+        micro.append({"pixels": torch.randn(2, 4, 3, generator=g), "ids": None, "labels": labels,
+                      "n_supervised": int(keep.sum())})
+    return micro
+
+
+def sgd_step(micro, loss_norm: str, grad_clip: float) -> torch.Tensor:
+    """-(the update) of one train_step with SGD at lr 1: the gradient it stepped with."""
+    torch.manual_seed(0)
+    toy = Toy()
+    before = toy.w.weight.detach().clone()
+    weights = loss_weights([b["n_supervised"] for b in micro], sum(b["n_supervised"] for b in micro), 1, loss_norm)
+    train_step(toy, torch.optim.SGD(toy.parameters(), lr=0.0), micro, weights, 1.0, grad_clip)
+    return before - toy.w.weight.detach()
+
+
+def hand_gradient(micro, loss) -> torch.Tensor:
+    torch.manual_seed(0)
+    toy = Toy()
+    loss(toy, micro).backward()
+    return toy.w.weight.grad
+
+
+def test_loss_norm_micro_is_the_official_per_micro_batch_mean_and_global_the_token_mean():
+    micro = toy_micro_batches()
+    assert [b["n_supervised"] for b in micro] == [3, 5]
+
+    def official(toy, micro):  # HF Trainer: each micro-batch's CrossEntropyLoss (mean) / accumulation steps
+        return sum(F.cross_entropy(toy.w(b["pixels"]).flatten(0, 1), b["labels"].flatten()) / len(micro) for b in micro)
+
+    def per_token(toy, micro):  # every supervised token of the step alike
+        return sum(toy(**{k: b[k] for k in ("pixels", "ids", "labels")}) for b in micro) / 8
+
+    torch.testing.assert_close(sgd_step(micro, "micro", 0.0), hand_gradient(micro, official), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sgd_step(micro, "global", 0.0), hand_gradient(micro, per_token), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(hand_gradient(micro, official), hand_gradient(micro, per_token), rtol=1e-3)
+    # Over ranks (FSDP then averages the gradients, / world): a token of a micro-batch with n supervised
+    # tokens weighs 1 / (world x accum x n) in "micro", 1 / (the step's supervised tokens) in "global".
+    world, accum = 2, 2
+    assert [w / world for w in loss_weights([3, 5], 20, world, "micro")] == pytest.approx([1 / (2 * 2 * 3), 1 / (2 * 2 * 5)])
+    assert [w / world for w in loss_weights([3, 5], 20, world, "global")] == pytest.approx([1 / 20, 1 / 20])
+    assert loss_weights([0, 4], 4, 1, "micro") == [0.0, 1 / (accum * 4)]  # nothing supervised: adds nothing
+
+
+def test_grad_clip_zero_is_no_clipping_and_positive_clips_the_global_norm():
+    micro = toy_micro_batches()
+    unclipped = hand_gradient(micro, lambda toy, micro: sum(toy(**{k: b[k] for k in ("pixels", "ids", "labels")})
+                                                            for b in micro) / 8)
+    torch.testing.assert_close(sgd_step(micro, "global", 0.0), unclipped, rtol=1e-6, atol=1e-7)
+    clipped = sgd_step(micro, "global", 0.01)
+    assert float(clipped.norm()) == pytest.approx(0.01, rel=1e-4)
+    torch.testing.assert_close(clipped, unclipped * 0.01 / unclipped.norm(), rtol=1e-4, atol=1e-8)
+
+
+def test_grad_clip_zero_trains(small, capsys, tmp_path):
+    """The CLI with --grad-clip 0 learns exactly as without any clipping (a clip no gradient reaches)."""
+    runs = {}
+    for clip in (0, 1e9):
+        rc, err = run_main(small, capsys, tmp_path / str(clip), grad_clip=clip, warmup_ratio=0.0)
+        assert rc == 0, err
+        runs[clip] = torch.load(tmp_path / str(clip) / "mm_projector.bin", weights_only=True)
+    for key, value in runs[1e9].items():
+        assert torch.equal(runs[0][key], value), key
+    assert read_metrics(tmp_path / "0")[0]["grad_norm"] > 0
+
+
+def test_an_epoch_keeps_its_last_partial_global_batch(small, capsys, tmp_path):
+    """10 records at global batch 4: 3 steps per epoch as the official Trainer (ceil), not 2."""
+    root, base, tower, _, _ = small
+    data, images = write_data(tmp_path, n=10)
+    rc, err = run_main((root, base, tower, data, images), capsys, tmp_path / "run", max_steps=0, epochs=2, global_batch=4)
+    assert rc == 0 and "10 samples, 3 steps per epoch (the last with 2 samples), 6 steps" in err, err
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_settings_that_change_the_result(small, capsys, tmp_path):
+    root, base, tower, data, images = small
+    projector = tmp_path / "mm_projector.bin"
+    torch.save({f"model.mm_projector.{k}": v for k, v in Projector(32, 64).state_dict().items()}, projector)
+    lora = dict(stage="lora", projector=projector, save_every=1)
+    rc, err = run_main(small, capsys, tmp_path / "run", **lora)
+    assert rc == 0, err
+    for change, named in [({"lr": 0.05}, "lr 0.01 -> 0.05"), ({"lora_r": 4}, "lora_r 8 -> 4"),
+                          ({"lr": 0.05, "seed": 3}, "lr 0.01 -> 0.05; seed 0 -> 3")]:
+        rc, err = run_main(small, capsys, tmp_path / "run", resume=True, **lora, **change)
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 1 and len(lines) == 1 and named in lines[0] and "Traceback" not in err, err
+        assert "only val_data, val_every, epochs, max_steps" in lines[0]
+    # Safe: a longer run, other logging; they are named.
+    rc, err = run_main(small, capsys, tmp_path / "run", resume=True, **lora, max_steps=3, log_every=2, num_workers=1)
+    assert rc == 0 and "resuming with changed settings: max_steps 2 -> 3; num_workers 0 -> 1; log_every 1 -> 2" in err, err
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit_is_one_error_line(small, capsys, tmp_path):
+    """Settings equal but the checkpoint's tensors of another shape (e.g. the base folder's files
+    replaced), or a checkpoint without its settings (written before they were saved)."""
+    root, base, tower, data, images = small
+    projector = tmp_path / "mm_projector.bin"
+    torch.save({f"model.mm_projector.{k}": v for k, v in Projector(32, 64).state_dict().items()}, projector)
+    lora = dict(stage="lora", projector=projector, max_steps=1, save_every=1)
+    assert run_main(small, capsys, tmp_path / "run", **lora)[0] == 0
+    meta_path = tmp_path / "run" / "checkpoints" / "step_0000001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["lora_r"] = 4
+    meta_path.write_text(json.dumps(meta))
+    rc, err = run_main(small, capsys, tmp_path / "run", resume=True, lora_r=4, **lora)
+    assert rc == 1 and "has shape (8, 64), this model's is (4, 64)" in err and "Traceback" not in err, err
+    del meta["config"]
+    meta_path.write_text(json.dumps(meta))
+    rc, err = run_main(small, capsys, tmp_path / "run", resume=True, **lora)
+    assert rc == 1 and "saved without the run's settings" in err and "Traceback" not in err, err
+
+
+def test_help_shows_each_fields_documentation_default_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in out, flag
+        assert " ".join(f.metadata["doc"].split()[:4]) in out, f.name
+        if f.default is not MISSING:
+            assert f"default: {f.default}" in out, f.name
+    assert "--loss-norm {global,micro}" in out and "--stage {pretrain,lora}" in out
+    assert "--dtype {bfloat16,float32}" in out and "--activation-checkpointing {full,selective,none}" in out
