@@ -1,6 +1,6 @@
 """Write the Findings section for chest X-rays: one image, or every query of a query file.
 
-    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR]
+    python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR] [--quantize int8|int4]
     python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
     torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
@@ -25,6 +25,7 @@ from llavarad.explain import explain, explain_predictions, file_stem, make_folde
 from llavarad.generate import greedy_generate
 from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad
+from llavarad.quant import MODES
 from llavarad.records import LOADERS, load_records
 from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 from llavarad.weights import load_llavarad
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", help="default: cuda (this rank's GPU under torchrun) when available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, quantized while loading "
+                   "(--dtype stays the dtype of the activations and of the other weights)")
     p.add_argument("--explain", metavar="DIR", help="write per-sentence heatmaps over the image (PNG) and their grids (JSON) to DIR")
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
@@ -60,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--query-file needs --output")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
+    if args.explain and args.quantize == "int4":
+        p.error("--explain needs gradients through the decoder, which the int4 inference kernels do not give: "
+                "use --quantize int8, or no --quantize")
     return args
 
 
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     t0 = time.time()
-    model, tokenizer = load_llavarad(args.model, args.base, dtype, device)
+    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, args.quantize)
     print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
     return model, tokenizer
 

@@ -26,6 +26,14 @@ def hub_download(repo: str, filename: str | None = None, revision: str | None = 
         raise ConnectionError(first_line(e)) from None
 
 
+def hub_installed() -> bool:
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def file_url(repo: str, filename: str, revision: str | None = None) -> str:
     """Where a browser, curl or wget gets the same file without huggingface_hub."""
     return f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/{filename}"

@@ -4,11 +4,13 @@
 `preprocess` is open_clip's default eval transform, which LLaVA-Rad applies (no padding to square).
 """
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from llavarad.errors import first_line
@@ -41,33 +43,68 @@ def _equalize_hist(image: np.ndarray) -> np.ndarray:
     return lut[image]
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
+def _is_dicom(file: BinaryIO, suffix: str = "") -> bool:
+    if suffix.lower() == ".dcm":
         return True
-    with open(path, "rb") as f:
-        return f.read(132)[128:132] == b"DICM"  # the DICOM preamble is 128 bytes, then the magic
+    start = file.read(132)
+    file.seek(0)
+    return start[128:132] == b"DICM"  # the DICOM preamble is 128 bytes, then the magic
 
 
-def _load_dicom(path: str) -> Image.Image:
+class TooManyPixels(ValueError):
+    pass
+
+
+def _check_pixels(width: int, height: int, name: str, max_pixels: int | None) -> None:
+    """Refuse an image by its header's size, before decoding: a small file can claim billions of pixels."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooManyPixels(f"{name}: image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
+
+
+def _load_dicom(file: BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
     try:
         import pydicom
     except ImportError:
-        raise ValueError(f"{path}: reading DICOM files needs pydicom (pip install pydicom)") from None
+        raise ValueError(f"{name}: reading DICOM files needs pydicom (pip install pydicom)") from None
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(file)
+        _check_pixels(int(ds.get("Columns", 0)), int(ds.get("Rows", 0)) * int(ds.get("NumberOfFrames", 1) or 1), name, max_pixels)
         pixels = ds.pixel_array  # stored values: pydicom applies no LUT here
+    except TooManyPixels:
+        raise
     except Exception as e:  # pydicom raises many types (bad header, no pixel data, missing codec)
-        raise ValueError(f"{path}: cannot read image ({first_line(e)})") from None
+        raise ValueError(f"{name}: cannot read image ({first_line(e)})") from None
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or pixels.ndim != 2:
         raise ValueError(
-            f"{path}: cannot read image (expected one grayscale frame, MONOCHROME1 or MONOCHROME2; got "
+            f"{name}: cannot read image (expected one grayscale frame, MONOCHROME1 or MONOCHROME2; got "
             f"{photometric or 'no PhotometricInterpretation'} with pixel array shape {pixels.shape})"
         )
-    image = _minmax_to_uint8(pixels, path)
+    image = _minmax_to_uint8(pixels, name)
     if photometric == "MONOCHROME1":  # low values are meant to be white
         image = 255 - image
     return Image.fromarray(_equalize_hist(image)).convert("RGB")
+
+
+def _decode(file: BinaryIO, name: str, suffix: str, formats: tuple[str, ...] | None, max_pixels: int | None) -> Image.Image:
+    """load_image / read_image on an open binary file; `name` starts every error message."""
+    if _is_dicom(file, suffix):
+        return _load_dicom(file, name, max_pixels)
+    try:
+        with Image.open(file, formats=formats) as image:
+            _check_pixels(*image.size, name, max_pixels)
+            image.load()  # decode now, so a truncated file fails here
+            if not (image.mode in _HIGH_DEPTH_MODES or image.mode.startswith("I;16")):
+                return image.convert("RGB")
+            values = np.asarray(image)  # (H, W) uint16, int32 or float32
+    except TooManyPixels:
+        raise
+    except UnidentifiedImageError:  # its message names the file object, not the file
+        what = "not a PNG, JPEG or DICOM file" if formats else "not an image file PIL can read"
+        raise ValueError(f"{name}: cannot read image ({what})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: cannot read image ({first_line(e)})") from None
+    return Image.fromarray(_minmax_to_uint8(values, name)).convert("RGB")
 
 
 def load_image(path: str) -> Image.Image:
@@ -92,17 +129,15 @@ def load_image(path: str) -> Image.Image:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    if _is_dicom(file):
-        return _load_dicom(path)
-    try:
-        with Image.open(file) as image:
-            image.load()  # decode now, so a truncated file fails here
-            if not (image.mode in _HIGH_DEPTH_MODES or image.mode.startswith("I;16")):
-                return image.convert("RGB")
-            values = np.asarray(image)  # (H, W) uint16, int32 or float32
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read image ({first_line(e)})") from None
-    return Image.fromarray(_minmax_to_uint8(values, path)).convert("RGB")
+    with open(file, "rb") as f:
+        return _decode(f, path, file.suffix, None, None)
+
+
+def read_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """load_image for bytes received from a client: only PNG, JPEG or DICOM (the DICM magic), and
+    only up to `max_pixels` pixels, checked from the header before anything is decoded.
+    Raises ValueError("<name>: ...") for anything else."""
+    return _decode(io.BytesIO(data), name, "", ("PNG", "JPEG"), max_pixels)
 
 
 def resize_and_crop(w: int, h: int, size: int) -> tuple[int, int, int, int]:

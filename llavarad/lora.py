@@ -12,35 +12,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llavarad.config import LoRAConfig
+from llavarad.quant import QuantLinear
 
 
 class LoRALinear(nn.Module):
-    """`dtype` is A's and B's (default: the base weight's); training keeps them in float32, the
-    optimizer's master copy, beside a bf16 frozen weight."""
+    """`dtype` is A's and B's (default: the base weight's, or the activations' for a QuantLinear);
+    training keeps them in float32, the optimizer's master copy, beside a bf16 frozen weight."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float, dtype: torch.dtype | None = None):
         super().__init__()
-        self.weight = base.weight  # frozen base weight, shared, (out, in)
-        self.weight.requires_grad_(False)
+        if isinstance(base, QuantLinear):  # QLoRA: the quantized layer computes x W^T and gives W no gradient
+            self.quantized, base_dtype = base, base.scales.dtype
+        else:
+            self.quantized, base_dtype = None, base.weight.dtype
+            self.weight = base.weight  # frozen base weight, shared, (out, in)
+            self.weight.requires_grad_(False)
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
-        dev, dtype = base.weight.device, dtype or base.weight.dtype
+        dev, dtype = base.weight.device, dtype or base_dtype
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dtype))
         if dev.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init of A
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        y = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype | None = None) -> list[str]:
-    """Replace every nn.Linear whose attribute name is in cfg.targets by a LoRALinear with A and B in
-    `dtype` (default: the frozen weight's); returns their module paths."""
+    """Replace every nn.Linear (or QuantLinear) whose attribute name is in cfg.targets by a LoRALinear
+    with A and B in `dtype` (default: the frozen weight's); returns their module paths."""
     replaced = []
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
-            if name in cfg.targets and isinstance(child, nn.Linear):
+            if name in cfg.targets and isinstance(child, (nn.Linear, QuantLinear)):
                 setattr(module, name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout, dtype))
                 replaced.append(f"{path}.{name}" if path else name)
     return replaced

@@ -13,6 +13,7 @@ except ImportError:  # Python 3.10
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from llavarad.quant import MODES
 from llavarad.records import LOADERS
 
 STAGES = ("pretrain", "lora")
@@ -64,6 +65,7 @@ class TrainConfig:
     # compute
     dtype: str = setting('"bfloat16": frozen weights bf16, trainable fp32, bf16 autocast; "float32": all fp32',
                          "bfloat16", ("bfloat16", "float32"))
+    quantize_base: str | None = setting("the decoder's frozen linear layers in 8 or 4 bits (QLoRA; llavarad/quant.py)", None, MODES)
     activation_checkpointing: str = setting(
         'per decoder block: "full" recomputes the block, "selective" keeps its matmul outputs, "none" keeps all',
         "full", ("full", "selective", "none"), resume=True)
@@ -81,8 +83,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
-                raise ValueError(f"{f.name} {getattr(self, f.name)!r}: choose from {', '.join(f.metadata['choices'])}")
+            value = getattr(self, f.name)
+            if f.metadata["choices"] and value is not None and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} {value!r}: choose from {', '.join(f.metadata['choices'])}")
         if self.stage == "lora" and not self.projector:
             raise ValueError("the lora stage needs --projector (the pretrain stage's mm_projector.bin)")
         for name in ("global_batch", "micro_batch", "epochs", "max_len", "log_every"):

@@ -113,7 +113,7 @@ def setup(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Run:
 
     torch.manual_seed(cfg.seed)  # the new projector / LoRA weights: the same draw on every rank
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = build_model(cfg.stage, str(base_dir), cfg.tower, cfg.projector, lora, dtype, device)
+    model = build_model(cfg.stage, str(base_dir), cfg.tower, cfg.projector, lora, dtype, device, cfg.quantize_base)
     n_image, image_size = model.tower.num_patches, model.tower.cfg.image_size
     dataset = TrainDataset(records, cfg.image_folder, tokenizer, template, n_image, image_size, cfg.max_len)
     parallelize(model, cfg.activation_checkpointing)

@@ -52,10 +52,11 @@ class TrainModel(LlavaRad):
 
 
 def build_model(stage: str, base: str, tower_dir: str, projector: str | None, lora: LoRAConfig,
-                dtype: torch.dtype, device: torch.device) -> TrainModel:
-    """Load the base decoder, the tower and (lora stage) the pretrained projector; see `assemble`.
+                dtype: torch.dtype, device: torch.device, quantize_base: str | None = None) -> TrainModel:
+    """Load the base decoder (`quantize_base`: its linear layers quantized, QLoRA), the tower and
+    (lora stage) the pretrained projector; see `assemble`.
     Seed torch before: the new projector / LoRA weights are drawn here, and every rank must draw the same."""
-    llm = load_llm(resolve_folder(base, "base model"), dtype, device)
+    llm = load_llm(resolve_folder(base, "base model"), dtype, device, quantize=quantize_base, trainable_input=True)
     tower = load_tower(*tower_files(tower_dir)).to(device=device, dtype=dtype)
     if projector is None:
         proj = Projector(tower.cfg.width, llm.cfg.dim)

@@ -5,6 +5,7 @@ Every unknown, missing or wrongly shaped tensor is an error naming the key, the 
 """
 
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from llavarad.hub import hub_download
 from llavarad.llama import Llama
 from llavarad.lora import merge_lora
 from llavarad.model import LlavaRad, Projector
+from llavarad.quant import QUANTIZED, QuantLinear
 from llavarad.tokenizer import Tokenizer
 from llavarad.vision import load_tower
 
@@ -84,18 +86,26 @@ def resolve_folder(name: str, what: str) -> Path:
 
 def load_file(path: Path) -> dict[str, Tensor]:
     """A whole safetensors or PyTorch checkpoint file, loaded safely onto the CPU."""
+    return dict(iter_file(path))
+
+
+def iter_file(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """The tensors of a safetensors or PyTorch checkpoint file, read one at a time onto the CPU: a
+    safetensors file tensor by tensor, a (zip) .bin memory-mapped, so a 10 GB shard is never in memory whole."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+                for k in f.keys():
+                    yield k, f.get_tensor(k)
+            return
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # corrupt file, pickle with code in it, truncated download...
         raise ValueError(f"{path}: cannot read checkpoint ({first_line(e)})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
-    return sd
+    yield from sd.items()
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -112,9 +122,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, Tensor, Path]]:
-    """(key, tensor, file) over all shards, one shard in memory at a time."""
+    """(key, tensor, file) over all shards, one tensor in memory at a time."""
     for f in checkpoint_files(folder):
-        for k, v in load_file(f).items():
+        for k, v in iter_file(f):
             yield k, v, f
 
 
@@ -144,9 +154,12 @@ def load_adapter(folder: Path) -> tuple[dict[str, Tensor], float]:
 
 
 def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter: dict[str, Tensor] | None = None,
-             scale: float = 1.0) -> Llama:
+             scale: float = 1.0, quantize: str | None = None, trainable_input: bool = False) -> Llama:
     """Build the decoder on the meta device and assign the base weights tensor by tensor, so a 7B
-    model never exists twice in memory. A LoRA `adapter` (from `load_adapter`) is merged at `scale`."""
+    model never exists twice in memory. A LoRA `adapter` (from `load_adapter`) is merged at `scale`.
+    `quantize` ("int8" | "int4"): each linear layer of the blocks is quantized as it is read (see
+    llavarad.quant; `trainable_input`: for QLoRA), so memory stays near the quantized size; `dtype`
+    is that of the activations and of the weights left unquantized."""
     cfg = LlamaConfig.from_hf(base / "config.json")
     with torch.device("meta"):
         llm = Llama(cfg)
@@ -155,6 +168,7 @@ def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter
     for k, v in (adapter or {}).items():
         by_module.setdefault(k.rsplit(".", 1)[0] + ".weight", {})[k] = v
     sd: dict[str, Tensor] = {}
+    quantized: set[str] = set()
     for key, t, f in iter_checkpoint(base):
         try:
             ours = hf_to_ours(key)
@@ -166,13 +180,17 @@ def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter
             raise ValueError(f"{f}: {key} has shape {tuple(t.shape)}, expected {expected[ours]} from {base / 'config.json'}")
         if ours in by_module:
             t = merge_lora({ours: t}, by_module.pop(ours), scale)[ours]
-        sd[ours] = t.to(device=device, dtype=dtype)
-    missing = [ours_to_hf(k) for k in expected if k not in sd]
+        if quantize and ours.split(".")[-2] in QUANTIZED:
+            llm.set_submodule(ours.removesuffix(".weight"), QuantLinear.from_float(t, quantize, dtype, device, trainable_input=trainable_input))
+            quantized.add(ours)
+        else:  # quantizing: copied, so that no tensor pins the memory-mapped file once it is read
+            sd[ours] = t.to(device=device, dtype=dtype, copy=bool(quantize))
+    missing = [ours_to_hf(k) for k in expected if k not in sd and k not in quantized]
     if missing:
         raise ValueError(f"{base}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
     if by_module:
         raise ValueError(f"adapter: LoRA for {sorted(by_module)[0]!r} has no base weight")
-    llm.load_state_dict(sd, assign=True, strict=True)
+    llm.load_state_dict(sd, assign=True, strict=not quantize)  # the quantized layers are in place already
     return llm.eval()
 
 
@@ -205,12 +223,14 @@ def release_file(folder: Path, stored: str, default: str) -> Path:
     raise FileNotFoundError(f"{folder}: missing {Path(stored).name or default}")
 
 
-def load_llavarad(release: str, base: str, dtype: torch.dtype, device: str | torch.device) -> tuple[LlavaRad, Tokenizer]:
-    """The released model: release folder + base folder (local paths or hub ids) -> model, tokenizer."""
+def load_llavarad(release: str, base: str, dtype: torch.dtype, device: str | torch.device,
+                  quantize: str | None = None) -> tuple[LlavaRad, Tokenizer]:
+    """The released model: release folder + base folder (local paths or hub ids) -> model, tokenizer.
+    `quantize` ("int8" | "int4"): the decoder's linear layers quantized while loading."""
     release, base_dir = resolve_folder(release, "model"), resolve_folder(base, "base model")
     mm = MultimodalConfig.from_hf(release / "config.json")
     adapter, scale = load_adapter(release) if (release / "adapter_config.json").is_file() else (None, 1.0)
-    llm = load_llm(base_dir, dtype, device, adapter=adapter, scale=scale)
+    llm = load_llm(base_dir, dtype, device, adapter=adapter, scale=scale, quantize=quantize)
     projector = load_projector(release_file(release, "non_lora_trainables.bin", "mm_projector.bin"), mm.mm_hidden_size, llm.cfg.dim)
     tower = load_tower(
         str(release_file(release, mm.mm_vision_tower_config, TOWER_JSON)),

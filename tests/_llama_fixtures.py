@@ -30,3 +30,10 @@ def write_base(model: LlamaForCausalLM, folder: Path, safetensors: bool = True, 
     kw = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, safe_serialization=safetensors, **kw)
     return folder
+
+
+def our_logits(llm, ids: torch.Tensor) -> torch.Tensor:
+    """Our decoder's uncached forward of token ids (B, T) -> logits (B, T, vocab)."""
+    B, T = ids.shape
+    with torch.no_grad():
+        return llm.lm_head(llm(llm.embed_tokens(ids), torch.arange(T).expand(B, T)))

@@ -1,22 +1,15 @@
 """bench/infer_bench.py --tiny: the whole GPU benchmark script, run on the CPU at tiny shapes, so that
 its one GPU run does not fail on a slip in the script itself."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("infer_bench", Path(__file__).resolve().parents[1] / "bench" / "infer_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+from _bench_fixtures import load_bench
 
 
 def test_infer_bench_tiny_runs_every_row_and_matches_transformers(tmp_path, capsys):
     """Every row is timed (none FAILED), and on the same random weights and input embeddings our greedy
     tokens equal transformers' `generate` tokens, for every check prompt (float32 on the CPU)."""
-    bench = load_bench()
+    bench = load_bench("infer_bench")
     args = ["--tiny", "--skip-compile", "--repeats", "1", "--batches", "1,4", "--json", str(tmp_path / "b.json")]
     assert bench.main(args) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ archive's config.json. huggingface_hub keeps them in its cache.
 
 from dataclasses import dataclass
 
-from llavarad.hub import file_url, hub_download
+from llavarad.hub import file_url, hub_download, hub_installed
 
 AUTO = "auto"
 RRG_SCORERS = "StanfordAIMI/RRG_scorers"
@@ -42,16 +42,14 @@ def resolve_auto(chexbert: str | None, bert_vocab: str | None, radgraph: str | N
         return chexbert, bert_vocab, radgraph, radgraph_vocab
     if radgraph_vocab == AUTO and radgraph is None:
         raise ValueError("--radgraph-vocab auto needs --radgraph: the archive's config.json names the BERT whose vocab.txt it is")
-    try:
-        import huggingface_hub  # noqa: F401  (fail before any download)
-    except ImportError:
+    if not hub_installed():  # say so before any download
         wanted = [f for f, value in ((CHEXBERT, chexbert), (BERT_VOCAB, bert_vocab), (RADGRAPH, radgraph),
                                      (HubFile("--radgraph-vocab", RADGRAPH_BERT, "vocab.txt"), radgraph_vocab)) if value == AUTO]
         raise ValueError(
             f"{', '.join(f.flag for f in wanted)} auto need huggingface_hub (pip install 'llavarad[hub]'); or download "
             + ", ".join(f"{f.filename} ({file_url(f.repo, f.filename, f.revision)})" for f in wanted)
             + " and pass their paths instead of auto"
-        ) from None
+        )
     chexbert = fetch(CHEXBERT) if chexbert == AUTO else chexbert
     bert_vocab = fetch(BERT_VOCAB) if bert_vocab == AUTO else bert_vocab
     radgraph = fetch(RADGRAPH) if radgraph == AUTO else radgraph

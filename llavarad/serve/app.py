@@ -1,0 +1,213 @@
+"""The FastAPI application: OpenAI chat completions (plain and SSE), models, health, metrics, the
+DICOM preview and the reading-room page.
+
+Security: with an API key, everything but /health and the page's own static files answers 401
+without `Authorization: Bearer <key>` (compared in constant time). Bodies are read in chunks and
+refused with 413 as soon as they pass the limit. Images are decoded (under a pixel limit) and
+preprocessed in a small thread pool, never on the event loop. Logs carry ids, sizes and timings:
+never an image or a reason for exam.
+"""
+
+import asyncio
+import hmac
+import io
+import json
+import queue
+import secrets
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from torch import Tensor
+
+from llavarad.generate import Sampling, Token
+from llavarad.images import preprocess, read_image
+from llavarad.serve.chat import ChatRequest, Limits, parse_chat
+from llavarad.serve.completion import Completion
+from llavarad.serve.errors import APIError
+from llavarad.serve.metrics import Metrics
+from llavarad.serve.scheduler import Job, Scheduler
+from llavarad.tokenizer import Tokenizer, build_prompt, build_question
+
+STATIC = Path(__file__).parent / "static"
+_OPEN_PATHS, _OPEN_PREFIX = ("/health", "/"), "/static/"  # the page loads without the key, then asks for it
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    served_name: str = "llava-rad"
+    api_key: str | None = None
+    max_new_tokens: int = 256  # cap and default of max_tokens
+    max_image_bytes: int = 20 * 2**20
+    max_pixels: int = 50_000_000  # a 7000x7000 image; chest X-rays are at most about 4300x3500
+    max_len: int = 2048  # cache slots per row: image slots + prompt text + new tokens
+    image_workers: int = 4
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_image_bytes * 4 // 3 + 64 * 1024  # base64 image + JSON around it
+
+
+class BearerAuth:
+    """Answers 401 to any request without the right `Authorization: Bearer <key>`, except the public paths."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._allowed(scope):
+            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+            response = JSONResponse(error.body(), 401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        if scope["path"] in _OPEN_PATHS or scope["path"].startswith(_OPEN_PREFIX):
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 from its Content-Length or as soon as the chunks pass `limit`."""
+    length = request.headers.get("content-length")
+    too_large = APIError(413, f"request body is over the limit of {limit} bytes", "request_too_large")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class Server:
+    """The model, tokenizer and decode loop behind the routes; `app` is the FastAPI application."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, image_size: int, n_patches: int, config: ServeConfig, metrics: Metrics):
+        self.scheduler, self.tokenizer, self.config, self.metrics = scheduler, tokenizer, config, metrics
+        self.image_size, self.n_patches = image_size, n_patches
+        self.limits = Limits(config.served_name, config.max_new_tokens, config.max_image_bytes)
+        self.images = ThreadPoolExecutor(config.image_workers, thread_name_prefix="image")
+        self.app = self._routes()
+
+    def _routes(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            self.scheduler.start()
+            yield
+            self.scheduler.stop()
+            self.images.shutdown(cancel_futures=True)
+
+        app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+        if self.config.api_key:
+            app.add_middleware(BearerAuth, key=self.config.api_key)
+
+        @app.exception_handler(APIError)
+        async def api_error(request: Request, e: APIError) -> JSONResponse:
+            if request.url.path == "/v1/chat/completions":
+                outcome = "rejected" if e.status in (429, 503) else "client_error" if e.status < 500 else "server_error"
+                self.metrics.requests.labels(outcome).inc()
+            headers = {"Retry-After": "1"} if e.status == 429 else None
+            return JSONResponse(e.body(), e.status, headers=headers)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+            return JSONResponse(APIError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "invalid_request").body(), e.status_code)
+
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/v1/preview")(self.preview)
+        app.get("/v1/models")(self.models)
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.prometheus)
+        app.get("/")(lambda: FileResponse(STATIC / "index.html"))
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+        return app
+
+    async def health(self) -> JSONResponse:
+        ok = self.scheduler.alive()
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.config.served_name, "object": "model", "created": 0, "owned_by": "llavarad"}]}
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def preview(self, request: Request) -> Response:
+        """Image bytes (PNG, JPEG or DICOM) -> the 8-bit picture the model sees, as a PNG at most 1024 px on a side
+        (browsers cannot show DICOM)."""
+        data = await read_body(request, self.config.max_image_bytes)
+        png = await self._off_loop(self._preview_png, data)
+        return Response(png, media_type="image/png")
+
+    def _preview_png(self, data: bytes) -> bytes:
+        image = read_image(data, "image", self.config.max_pixels)
+        image.thumbnail((1024, 1024))
+        out = io.BytesIO()
+        image.save(out, "PNG")
+        return out.getvalue()
+
+    def _prepare(self, chat: ChatRequest) -> tuple[list[int], Tensor]:
+        """(prompt ids, pixels (3, S, S)): the slow part of a request, run in the image threads."""
+        pixels = preprocess(read_image(chat.image, "image_url", self.config.max_pixels), self.image_size)
+        return self.tokenizer.encode_prompt(build_prompt(build_question(chat.reason))), pixels
+
+    async def _off_loop(self, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.images, fn, *args)
+        except ValueError as e:  # read_image's "<name>: cannot read image (...)"
+            raise APIError(400, str(e), "invalid_image", "image_url") from None
+
+    async def chat_completions(self, request: Request) -> Response:
+        arrival = time.monotonic()
+        if not self.scheduler.alive():
+            raise APIError(503, "the model is not ready", "model_not_ready")
+        data = await read_body(request, self.config.max_body_bytes)
+        try:
+            body = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        chat = parse_chat(body, self.limits)
+        ids, pixels = await self._off_loop(self._prepare, chat)
+        prompt_tokens = len(ids) - 1 + self.n_patches
+        if prompt_tokens + chat.max_tokens - 1 > self.config.max_len:
+            raise APIError(400, f"the prompt takes {prompt_tokens} tokens ({self.n_patches} for the image); with max_tokens "
+                                f"{chat.max_tokens} it does not fit the {self.config.max_len} positions of a cache row: "
+                                "shorten the reason for exam or lower max_tokens", "context_length_exceeded", "messages")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def deliver(item: Token | BaseException) -> None:  # called from the decode loop's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                pass
+
+        seed = chat.seed if chat.seed is not None else secrets.randbits(63)
+        job = Job(ids, pixels, chat.max_tokens, Sampling(chat.temperature, chat.top_p, seed), deliver, arrival)
+        try:
+            self.scheduler.submit(job)
+        except queue.Full:
+            raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
+        except RuntimeError:
+            raise APIError(503, "the server is shutting down", "shutting_down") from None
+        print(f"request {job.key}: image {len(chat.image)} B, prompt {prompt_tokens} tokens, max_tokens {chat.max_tokens}, "
+              f"{'stream' if chat.stream else 'whole'}", file=sys.stderr)
+        return Completion(job, events, chat, prompt_tokens, self.tokenizer, self.config.served_name, self.scheduler, self.finished)
+
+    def finished(self, c: Completion) -> None:
+        self.metrics.requests.labels(c.outcome).inc()
+        first = f"{c.job.first_token - c.job.arrival:.3f}s" if c.job.first_token else "-"
+        print(f"request {c.job.key}: {c.outcome}, {c.completion_tokens} tokens, first token {first}, "
+              f"total {time.monotonic() - c.job.arrival:.3f}s", file=sys.stderr)

@@ -1,0 +1,116 @@
+"""QuantLinear: the packed-weight kernels compute exactly F.linear(x, dequantize(W_q)); the rounding
+error is within the bounds the formats promise (worked out by hand below); shapes the kernels
+cannot take fall back to a correct path and say so; the backward is the dequantized weight's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llavarad import quant
+from llavarad.quant import QuantLinear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack_nibbles
+
+SHAPES = [(64, 256, 128), (160, 64, 64), (32, 384, 128), (40, 96, 32)]  # (out, in, group); 40: no int4 CPU kernel (N % 16)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def reference(layer: QuantLinear, w: torch.Tensor) -> torch.Tensor:
+    """W_q dequantized from the codes that quantize_* give for w: what the kernel must compute with."""
+    if layer.mode == "int8":
+        return dequantize_int8(*quantize_int8(w, layer.scales.dtype))
+    return dequantize_int4(*quantize_int4(w, layer.group, layer.scales.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_is_linear_of_dequantized_weight(shape, mode, dtype, device):
+    N, K, group = shape
+    g = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=g) * 0.02
+    layer = QuantLinear.from_float(w, mode, dtype, device, group)
+    if device == "cpu":
+        assert layer.kernel == (None if mode == "int4" and N % 16 else {"int8": "int8", "int4": "int4_cpu"}[mode])
+    x = torch.randn(3, 5, K, generator=g).to(device, dtype)  # (B, T, K): leading dims are kept
+    expected = F.linear(x.float(), reference(layer, w).to(device)).to(dtype)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3)}[dtype]
+    torch.testing.assert_close(layer(x), expected, **tol)
+
+
+def test_int8_rounding_by_hand():
+    w = torch.tensor([[1.27, -0.635, 0.004, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    q, s = quantize_int8(w, torch.float32)
+    # row 0: scale max|w| / 127 = 0.01; codes round(w / 0.01) = 127, -64 (-63.5 to even), 0, 0
+    torch.testing.assert_close(s[0], torch.tensor(0.01))
+    assert q[0].tolist() == [127, -64, 0, 0] and q[1].tolist() == [0, 0, 0, 0]
+    torch.testing.assert_close(dequantize_int8(q, s)[0], torch.tensor([1.27, -0.64, 0.0, 0.0]))
+
+
+def test_int4_rounding_by_hand():
+    w = torch.tensor([[-0.3, 1.2, 0.0, 0.55, 2.0, 2.0, 2.0, 2.0]])  # two groups of 4
+    q, sz = quantize_int4(w, 4, torch.float32)
+    # group 0: min -0.3, max 1.2 -> scale 1.5 / 15 = 0.1, zero = min + 8 * 0.1 = 0.5;
+    # codes round((w - 0.5) / 0.1 + 8) = 0, 15, 3, 8.5 -> 8 (to even); dequantized (q - 8) * 0.1 + 0.5
+    torch.testing.assert_close(sz[0, 0], torch.tensor([0.1, 0.5]))
+    assert q[0, :4].tolist() == [0, 15, 3, 8]
+    torch.testing.assert_close(dequantize_int4(q, sz)[0, :4], torch.tensor([-0.3, 1.2, 0.0, 0.5]))
+    # group 1: a constant group is kept exactly (scale clamped to 1e-8 / 15, zero = 2.0)
+    torch.testing.assert_close(dequantize_int4(q, sz)[0, 4:], torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_error_bounds(mode):
+    """Weights: every element within half a step of its grid (int8: max|w_row| / 254; int4: (max - min)
+    of its group / 30). Outputs: |y - y_q| <= sum_k |x_k| * step_k / 2, and on Gaussian weights and
+    inputs a relative RMS error under 1% (int8) and 12% (int4, group 128), the stated bounds."""
+    g = torch.Generator().manual_seed(0)
+    N, K = 256, 1024
+    w = torch.randn(N, K, generator=g) * 0.02
+    if mode == "int8":
+        q, s = quantize_int8(w, torch.float32)
+        deq, half_step = dequantize_int8(q, s), (w.abs().amax(1, keepdim=True) / 254).expand(N, K)
+    else:
+        q, sz = quantize_int4(w, 128, torch.float32)
+        deq = dequantize_int4(q, sz)
+        wg = w.reshape(N, K // 128, 128)
+        half_step = ((wg.amax(-1, keepdim=True) - wg.amin(-1, keepdim=True)) / 30).expand_as(wg).reshape(N, K)
+    assert ((w - deq).abs() <= half_step * (1 + 1e-5)).all()
+    x = torch.randn(64, K, generator=g)
+    err = (x @ w.T - x @ deq.T).abs()  # (64, N)
+    assert (err <= x.abs() @ half_step.T * (1 + 1e-4) + 1e-6).all()
+    rel = ((x @ w.T - x @ deq.T).pow(2).mean() / (x @ w.T).pow(2).mean()).sqrt()
+    assert rel < {"int8": 0.01, "int4": 0.12}[mode], rel
+    assert rel > {"int8": 0.001, "int4": 0.03}[mode], rel  # the error is real: the test measures something
+
+
+def test_fallbacks_say_so_once(capsys, monkeypatch):
+    monkeypatch.setattr(quant, "_said", set())
+    w = torch.randn(40, 160) * 0.02  # 160 not a multiple of 128; 40 rows: the CPU int4 kernel needs N % 16 == 0
+    layers = [QuantLinear.from_float(w, "int4", torch.float32, "cpu") for _ in range(2)]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "int4: in_features 160 is not a multiple of the group size 128; groups of 32 for those layers",
+        "int4: no packed kernel for cpu torch.float32 (40, 160) here (RuntimeError: Unsupported n block size: 40); "
+        "dequantizing at every call instead (correct, slower)",
+    ], err
+    assert layers[0].kernel is None and layers[0].group == 32
+    torch.testing.assert_close(unpack_nibbles(layers[0].weight), quantize_int4(w, 32, torch.float32)[0])
+    x = torch.randn(2, 160)
+    torch.testing.assert_close(layers[0](x), F.linear(x, dequantize_int4(*quantize_int4(w, 32, torch.float32))))
+    with pytest.raises(ValueError, match="quantize 'int3': choose from int8, int4"):
+        QuantLinear.from_float(w, "int3", torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_backward_is_through_the_dequantized_weight(mode):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    layer = QuantLinear.from_float(w, mode, torch.float32, "cpu", trainable_input=True)
+    deq = reference(layer, w)
+    x = torch.randn(4, 256, generator=g, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    up = torch.randn(4, 64, generator=g)
+    (layer(x) * up).sum().backward()
+    (F.linear(x_ref, deq) * up).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    assert not any(t.requires_grad for t in layer.buffers())

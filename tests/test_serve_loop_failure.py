@@ -1,0 +1,49 @@
+"""When the model fails inside the decode loop, the request in flight gets a 500 in OpenAI's error body,
+/health turns 503 and later requests get 503: the server says it is broken instead of hanging.
+In process (starlette's TestClient runs the app's lifespan), on the tiny release."""
+
+import threading
+
+import pytest
+import torch
+from _infer_fixtures import shared_tiny_release, write_images
+from _serve_fixtures import chat_body
+
+from llavarad.serve.app import ServeConfig, Server
+from llavarad.serve.metrics import Metrics
+from llavarad.serve.scheduler import Scheduler
+from llavarad.weights import load_llavarad
+
+
+def within(seconds: float, call):
+    """call() in a daemon thread; fails instead of hanging the test run when it does not return."""
+    box = []
+    worker = threading.Thread(target=lambda: box.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert box, f"no answer within {seconds} s"
+    return box[0]
+
+
+def test_a_dead_decode_loop_turns_health_to_503(tmp_path_factory, monkeypatch):
+    testclient = pytest.importorskip("starlette.testclient")
+    tiny = shared_tiny_release(tmp_path_factory)
+    folder = tmp_path_factory.mktemp("failure")
+    image = folder / write_images(folder, 1)[0]
+    model, tokenizer = load_llavarad(str(tiny.release), str(tiny.base), torch.float32, "cpu")
+
+    def broken(pixels):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model, "encode_images", broken)
+    metrics = Metrics()
+    config = ServeConfig(max_new_tokens=8, max_len=4 + 256 + 8)
+    server = Server(Scheduler(model, tokenizer.eos_id, 2, config.max_len, 4, metrics), tokenizer, 28, 4, config, metrics)
+    with testclient.TestClient(server.app) as client:
+        assert client.get("/health").status_code == 200
+        r = within(60, lambda: client.post("/v1/chat/completions", json=chat_body(image, "Cough.")))
+        assert r.status_code == 500
+        assert r.json()["error"]["code"] == "server_error" and "illegal memory access" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503
+        again = client.post("/v1/chat/completions", json=chat_body(image, "Cough."))
+        assert again.status_code == 503 and again.json()["error"]["code"] == "model_not_ready"
