@@ -2,6 +2,7 @@
 
     python evaluate.py preds.jsonl
     python evaluate.py preds.jsonl --chexbert chexbert.pth --bert-vocab vocab.txt --output-dir results/
+    python evaluate.py preds.jsonl --chexbert auto --radgraph auto    # downloads the official scorers
 """
 
 import argparse
@@ -10,6 +11,7 @@ import sys
 
 from llavarad.metrics.inputs import read_predictions
 from llavarad.metrics.report import format_table, write_outputs
+from llavarad.metrics.scorers import resolve_auto
 from llavarad.metrics.suite import evaluate_reports
 
 
@@ -17,10 +19,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("predictions", help="JSONL with 'prediction' and 'reference' per line (infer.py output)")
     p.add_argument("--output-dir", default="eval_results", help="where metrics.json, main.csv, ... go")
-    p.add_argument("--chexbert", help="chexbert.pth (StanfordAIMI/RRG_scorers); CheXbert F1 is skipped without it")
-    p.add_argument("--bert-vocab", help="bert-base-uncased vocab.txt for CheXbert (default: vocab.txt beside --chexbert)")
-    p.add_argument("--radgraph", help="RadGraph model archive; F1-RadGraph is skipped without it")
-    p.add_argument("--radgraph-vocab", help="the RadGraph BERT's vocab.txt (needed with --radgraph)")
+    p.add_argument("--chexbert", help="chexbert.pth (StanfordAIMI/RRG_scorers), or auto: download it (needs the hub extra); "
+                                      "CheXbert F1 is skipped without it")
+    p.add_argument("--bert-vocab", help="bert-base-uncased vocab.txt for CheXbert, or auto "
+                                        "(default: vocab.txt beside --chexbert; auto with --chexbert auto)")
+    p.add_argument("--radgraph", help="RadGraph model archive radgraph.tar.gz, or auto: download it (needs the hub extra); "
+                                      "F1-RadGraph is skipped without it")
+    p.add_argument("--radgraph-vocab", help="the vocab.txt of the BERT named in the archive's config.json, or auto "
+                                            "(needed with --radgraph; auto with --radgraph auto)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the 95%% CIs; 0: no CIs")
     p.add_argument("--seed", type=int, default=3, help="bootstrap seed (official: 3; BLEU keeps sacrebleu's)")
     p.add_argument("--cache", help="directory keeping CheXbert / RadGraph labels per text across runs")
@@ -31,14 +37,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_files(args: argparse.Namespace) -> None:
-    """Every weight file is found before any work starts."""
+    """Every weight file is found (or downloaded, for "auto") before any work starts."""
+    args.chexbert, args.bert_vocab, args.radgraph, args.radgraph_vocab = resolve_auto(
+        args.chexbert, args.bert_vocab, args.radgraph, args.radgraph_vocab)
     if args.chexbert and not args.bert_vocab:
         beside = os.path.join(os.path.dirname(args.chexbert), "vocab.txt")
         if not os.path.exists(beside):
-            raise ValueError(f"--chexbert needs --bert-vocab (bert-base-uncased vocab.txt); none at {beside}")
+            raise ValueError(f"--chexbert needs --bert-vocab (bert-base-uncased vocab.txt, or auto); none at {beside}")
         args.bert_vocab = beside
     if args.radgraph and not args.radgraph_vocab:
-        raise ValueError("--radgraph needs --radgraph-vocab (the vocab.txt of the RadGraph BERT)")
+        raise ValueError("--radgraph needs --radgraph-vocab (the vocab.txt of the RadGraph BERT, or auto)")
     for flag in ("chexbert", "bert_vocab", "radgraph", "radgraph_vocab"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):

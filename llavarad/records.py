@@ -1,6 +1,6 @@
 """Query and training records: the PhysioNet LLaVA-Rad annotation JSON and a plain JSONL.
 
-Loaders (the official `llava/utils.py` data_loaders, REFERENCE section 5):
+Loaders (the official `llava/utils.py` data_loaders, docs/prompt.md):
   - "default": every record as it is, its question taken from its own human turn;
   - "mimic_train_findings": AP/PA views with a string findings, the question rewritten from
     the record's reason, a leading "mimic/" stripped from the image path;

@@ -1,5 +1,5 @@
 """Training outputs in the official layouts, so that our loader (weights.load_llavarad), the official
-LLaVA-Rad code and peft all read them (REFERENCE section 2):
+LLaVA-Rad code and peft all read them (docs/release-format.md):
 
 - pretrain: `mm_projector.bin` {"model.mm_projector.{0,2}.{weight,bias}"} + the LLaVA `config.json`;
 - lora: the release folder: `config.json`, `adapter_config.json`, `adapter_model.safetensors`

@@ -40,7 +40,7 @@ class TrainConfig:
     loader: str = setting("which records train and how their question is built", "mimic_train_findings", LOADERS)
     val_data: str | None = setting("a held-out file for a validation loss (same loader)", None, resume=True)
     val_every: int = setting("steps between validations (0: only at the end; nothing without val_data)", 0, resume=True)
-    # optimisation: the official recipe (docs in README.md, "Training")
+    # optimisation: the official recipe (docs/training-recipe.md)
     lr: float = setting("peak learning rate (projector and LoRA alike)", 1e-3)
     epochs: int = setting("passes over the data; the last global batch of an epoch may be partial", 1, resume=True)
     max_steps: int = setting("> 0: train this many optimizer steps instead of `epochs` (the schedule spans them)", 0,

@@ -7,7 +7,6 @@ Every unknown, missing or wrongly shaped tensor is an error naming the key, the 
 import json
 import math
 import re
-import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from llavarad.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.errors import first_line
+from llavarad.hub import hub_download
 from llavarad.llama import Llama
 from llavarad.lora import merge_lora
 from llavarad.model import LlavaRad, Projector
@@ -74,17 +74,14 @@ def resolve_folder(name: str, what: str) -> Path:
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise FileNotFoundError(f"{name}: {what} folder not found")
     try:
-        from huggingface_hub import snapshot_download
+        return hub_download(name)
     except ImportError:
         raise FileNotFoundError(
             f"{name}: no such {what} folder; download it (huggingface-cli download {name} --local-dir DIR) "
             f"and pass DIR, or pip install 'llavarad[hub]' to download it here"
         ) from None
-    print(f"{name}: not a local folder, downloading it from the Hugging Face hub", file=sys.stderr)
-    try:
-        return Path(snapshot_download(name))
-    except Exception as e:  # no such repo, gated repo, no network: one line, not a traceback
-        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({first_line(e)})") from None
+    except ConnectionError as e:
+        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({e})") from None
 
 
 def load_file(path: Path) -> dict[str, Tensor]:

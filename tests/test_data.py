@@ -87,7 +87,7 @@ def test_unreadable_image_is_skipped_and_counted(world, tmp_path, capsys):
 
 
 def test_empty_and_whitespace_findings_are_kept_as_the_official_code_keeps_them(world, tmp_path):
-    """REFERENCE: "plain" supervises the findings' tokens and the newline; "v1" masks "" whole but
+    """docs/training-recipe.md: "plain" supervises the findings' tokens and the newline; "v1" masks "" whole but
     supervises "   " and </s>."""
     root, _, images, tokenizer = world
     path = tmp_path / "a.json"

@@ -1,5 +1,5 @@
 """End to end: infer.py on a tiny release == a reference pipeline assembled from transformers, timm,
-peft and open_clip following REFERENCE.md (sections 3 and 4)."""
+peft and open_clip following docs/release-format.md and docs/prompt.md."""
 
 import copy
 import subprocess

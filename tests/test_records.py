@@ -1,4 +1,4 @@
-"""Loaders: filters and prompts as the official llava/utils.py data_loaders (REFERENCE section 5)."""
+"""Loaders: filters and prompts as the official llava/utils.py data_loaders (docs/prompt.md)."""
 
 import json
 

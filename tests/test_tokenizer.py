@@ -284,7 +284,7 @@ def test_v1_supervises_only_answer_and_eos(ours):
 
 
 def test_reference_example_masks(ours):
-    """REFERENCE section 5: "... ASSISTANT: Mild cardiomegaly.</s>" supervises its pieces and EOS only."""
+    """docs/prompt.md: "... ASSISTANT: Mild cardiomegaly.</s>" supervises its pieces and EOS only."""
     answer = ours.sp.encode("Mild cardiomegaly.", out_type=str)
     assert "".join(answer) == "▁Mild▁cardiomegaly."
     ids, labels = ours.encode_v1(build_question("Cough."), "Mild cardiomegaly.")

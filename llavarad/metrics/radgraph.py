@@ -191,6 +191,12 @@ class RadGraph:
         return {"text": " ".join(words), "entities": entities}
 
 
+def bert_name(archive: str) -> str:
+    """The BERT an archive was built on (config.json's model_name): its vocab.txt is the one to use."""
+    files = _read_archive(archive)
+    return _config(archive, files["config.json"]).bert_name
+
+
 def load_radgraph(archive: str, vocab: str, device: str = "cpu") -> RadGraph:
     """The RadGraph model of a model archive (.tar.gz or folder) and its BERT vocab.txt."""
     files = _read_archive(archive)

@@ -18,8 +18,8 @@ MAIN_COLUMNS = [
     "Micro-F1-14+", "Macro-F1-14+", "Micro-F1-5+", "Macro-F1-5+",
     "F1-RadGraph",
 ]
-CHEXBERT_SKIPPED = "skipped: pass --chexbert chexbert.pth --bert-vocab vocab.txt (bert-base-uncased) to score it"
-RADGRAPH_SKIPPED = "skipped: pass --radgraph radgraph.tar.gz --radgraph-vocab vocab.txt to score it"
+CHEXBERT_SKIPPED = "skipped: pass --chexbert auto, or --chexbert chexbert.pth --bert-vocab vocab.txt (bert-base-uncased), to score it"
+RADGRAPH_SKIPPED = "skipped: pass --radgraph auto, or --radgraph radgraph.tar.gz --radgraph-vocab vocab.txt, to score it"
 
 
 def evaluate_reports(
