@@ -21,7 +21,7 @@ from PIL import Image
 
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
 from llavarad.engine import read_results, run_queries
-from llavarad.explain import explain, explain_predictions, file_stem, make_folder, write_explanation
+from llavarad.explain import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
 from llavarad.generate import greedy_generate
 from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad
@@ -64,8 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
     if args.explain and args.quantize == "int4":
-        p.error("--explain needs gradients through the decoder, which the int4 inference kernels do not give: "
-                "use --quantize int8, or no --quantize")
+        p.error(f"--explain {NEEDS_GRADIENTS}: use --quantize int8, or no --quantize")
     return args
 
 
