@@ -3,16 +3,12 @@ llavarad.explain.explain gives for the same image, reason and findings on the sa
 (the overlay PNGs decoded and compared pixel for pixel); bad bodies get a 4xx with OpenAI's error
 body; a server running --quantize int4 refuses with a 400 that says why."""
 
-import base64
-import io
-
 import httpx
 import numpy as np
 import pytest
 import torch
 from _infer_fixtures import shared_tiny_release, write_corrupt, write_images
-from _serve_fixtures import ServerProcess, data_url, shared_server
-from PIL import Image
+from _serve_fixtures import ServerProcess, data_url, png_pixels, shared_server
 
 from llavarad.explain import explain
 from llavarad.images import load_image
@@ -32,18 +28,6 @@ def setup(tmp_path_factory):
 
 def explain_body(image, reason: str | None, findings: str) -> dict:
     return {"image_url": data_url(image), "reason": reason, "findings": findings}
-
-
-def png_pixels(data: str | Image.Image) -> np.ndarray:
-    """A data: URL or a PIL image -> its pixels as the PNG holds them."""
-    if isinstance(data, Image.Image):
-        out = io.BytesIO()
-        data.save(out, "PNG")
-        data = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
-    header, _, b64 = data.partition(",")
-    assert header == "data:image/png;base64"
-    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 @pytest.mark.parametrize("k,reason", [(0, None), (1, "Shortness of breath.\nEvaluate for pneumonia.")])
