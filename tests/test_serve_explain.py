@@ -1,14 +1,17 @@
 """POST /v1/explain on a real serve.py process: each sentence's text, span and overlay equal what
 llavarad.explain.explain gives for the same image, reason and findings on the same tiny release
 (the overlay PNGs decoded and compared pixel for pixel); bad bodies get a 4xx with OpenAI's error
-body; a server running --quantize int4 refuses with a 400 that says why."""
+body; explanations asked for while reports are decoding change neither; a server running
+--quantize int4 refuses with a 400 that says why."""
+
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from _infer_fixtures import shared_tiny_release, write_corrupt, write_images
-from _serve_fixtures import ServerProcess, data_url, png_pixels, shared_server
+from _serve_fixtures import ServerProcess, chat_body, data_url, infer_stdout, png_pixels, shared_server
 
 from llavarad.explain import explain
 from llavarad.images import load_image
@@ -45,6 +48,20 @@ def test_overlays_equal_explain_called_directly(setup, k, reason):
         assert (got["start"], got["end"]) == want.chars and got["text"] == expected.findings[got["start"] : got["end"]]
         assert got["logprob"] == pytest.approx(want.logprob, abs=1e-3)
         np.testing.assert_array_equal(png_pixels(got["overlay"]), png_pixels(want.overlay))
+
+
+def test_explaining_while_decoding_changes_neither(setup):
+    """Explanations run on the decode loop's thread between steps: the reports decoding meanwhile are
+    infer.py's, and each explanation is the one it gives alone."""
+    tiny, server, images, _ = setup
+    alone = httpx.post(server.url + "/v1/explain", json=explain_body(images[0], None, FINDINGS), timeout=120).json()
+    with ThreadPoolExecutor(4) as pool:
+        chats = [pool.submit(httpx.post, server.url + "/v1/chat/completions", json=chat_body(im, "Cough.", 32), timeout=120) for im in images]
+        explains = [pool.submit(httpx.post, server.url + "/v1/explain", json=explain_body(images[0], None, FINDINGS), timeout=120) for _ in range(2)]
+        for im, chat in zip(images, chats):
+            assert chat.result().json()["choices"][0]["message"]["content"] == infer_stdout(tiny.release, tiny.base, im, "Cough.", 32)
+        for e in explains:
+            assert e.result().json() == alone
 
 
 @pytest.mark.parametrize("body,status,code,param", [
