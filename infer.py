@@ -27,7 +27,7 @@ from PIL import Image
 from llavarad.batch_infer import predicted_ids, read_results, run_queries
 from llavarad.config import TOWER_CKPT, TOWER_JSON
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
-from llavarad.explain import explain, explain_predictions, file_stem, make_folder, write_explanation
+from llavarad.explain import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
 from llavarad.generate import greedy_generate
 from llavarad.images import load_image, preprocess
 from llavarad.model import LlavaRad, context_overflow
@@ -85,8 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device is not None and (problem := device_problem(args.device)):
         p.error(f"--device {args.device}: {problem}")
     if args.explain and args.quantize == "int4":
-        p.error("--explain needs gradients through the decoder, which the int4 inference kernels do not give: "
-                "use --quantize int8, or no --quantize")
+        p.error(f"--explain {NEEDS_GRADIENTS}: use --quantize int8, or no --quantize")
     return args
 
 

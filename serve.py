@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ServeConfig(
             served_name=args.served_name, api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
             max_image_bytes=int(args.max_image_mb * 2**20), max_pixels=args.max_image_pixels,
-            max_len=n_patches + args.max_text_tokens + args.max_new_tokens,
+            max_len=n_patches + args.max_text_tokens + args.max_new_tokens, explain=args.quantize != "int4",
         )
         metrics = Metrics()
         scheduler = Scheduler(model, tokenizer.eos_id, args.batch_size, config.max_len, args.max_queue, metrics,

@@ -42,6 +42,7 @@ from llavarad.records import Record
 from llavarad.sentences import split_sentences
 from llavarad.tokenizer import Tokenizer, build_prompt, build_question
 
+NEEDS_GRADIENTS = "needs gradients through the decoder, which the int4 inference kernels do not give"
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"
 
 

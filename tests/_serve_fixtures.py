@@ -14,6 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 import infer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +131,15 @@ def shared_server(tiny) -> ServerProcess:
         _SHARED = ServerProcess(tiny.release, tiny.base, "--batch-size", "4", "--max-queue", "32", "--max-new-tokens", "32")
         atexit.register(_SHARED.stop)
     return _SHARED
+
+
+def png_pixels(data: str | Image.Image) -> np.ndarray:
+    """A data: URL or a PIL image -> its pixels as the PNG holds them."""
+    if isinstance(data, Image.Image):
+        out = io.BytesIO()
+        data.save(out, "PNG")
+        data = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    header, _, b64 = data.partition(",")
+    assert header == "data:image/png;base64"
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+        return np.asarray(im.convert("RGB"))

@@ -1,6 +1,7 @@
 """The reading-room page in a real browser (headless Debian Chromium through chromedriver): upload an image,
-type a reason, click Generate, and the findings that appear are infer.py's output; a file that is not an
-image shows the server's own message. Screenshots are saved and their paths printed (pytest -s)."""
+type a reason, click Generate, and the findings that appear are infer.py's output; pointing at a sentence
+then shows that sentence's overlay (llavarad.explain.explain's, pixel for pixel) in place of the picture,
+and leaving it restores the picture; a file that is not an image shows the server's own message. Screenshots are saved and their paths printed (pytest -s)."""
 
 import os
 import shutil
@@ -8,11 +9,18 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import torch
 from _infer_fixtures import shared_tiny_release, write_images
-from _serve_fixtures import chat_body, infer_stdout, shared_server
+from _serve_fixtures import chat_body, infer_stdout, png_pixels, shared_server
+
+from llavarad.explain import explain
+from llavarad.images import load_image
+from llavarad.weights import load_llavarad
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -80,6 +88,29 @@ def test_findings_stream_into_the_page(browser, setup):
     assert browser.find_element(By.ID, "copy").is_enabled()
     assert browser.find_element(By.ID, "preview").get_property("naturalWidth") > 0  # the picked image is shown
     assert screenshot(browser, folder, "serve_page_findings.png").stat().st_size > 10_000
+
+
+def test_pointing_at_a_sentence_shows_its_overlay(browser, setup, one_thread):
+    """Runs after the test above, on the page it left: the report is there, its maps are being computed."""
+    tiny, server, image, folder = setup
+    findings = infer_stdout(tiny.release, tiny.base, image, REASON, max_new_tokens=32)
+    model, tokenizer = load_llavarad(str(tiny.release), str(tiny.base), torch.float32, torch.device("cpu"), None)
+    expected = explain(model, tokenizer, load_image(str(image)), REASON, findings)
+    assert expected.sentences
+    wait_until(browser, lambda: "Point at a sentence" in text_of(browser, "explain-status") or "No maps" in text_of(browser, "explain-status"))
+    assert "not a diagnosis" in text_of(browser, "explain-note")
+    assert text_of(browser, "findings") == findings  # the sentences are marked, the text is unchanged
+    preview = browser.find_element(By.ID, "preview")
+    picture = preview.get_property("src")
+    spans = browser.find_elements(By.CSS_SELECTOR, "#findings .sentence")
+    assert [s.get_property("textContent") for s in spans] == [s.text for s in expected.sentences]
+    k = len(spans) - 1  # the last sentence: its map differs from the first's
+    ActionChains(browser).move_to_element(spans[k]).perform()
+    wait_until(browser, lambda: preview.get_property("src") != picture, timeout=10)
+    np.testing.assert_array_equal(png_pixels(preview.get_property("src")), png_pixels(expected.sentences[k].overlay))
+    screenshot(browser, folder, "serve_page_overlay.png")
+    ActionChains(browser).move_to_element(browser.find_element(By.ID, "research-only")).perform()
+    wait_until(browser, lambda: preview.get_property("src") == picture, timeout=10)
 
 
 def test_a_file_that_is_not_an_image_shows_the_servers_message(browser, setup):

@@ -1,5 +1,5 @@
 """The FastAPI application: OpenAI chat completions (plain and SSE), models, health, metrics, the
-DICOM preview and the reading-room page.
+DICOM preview, per-sentence explanations (run on the decode loop's thread) and the reading-room page.
 
 Security: with an API key, everything but /health and the page's own static files answers 401
 without `Authorization: Bearer <key>` (compared in constant time). Bodies are read in chunks and
@@ -28,11 +28,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import Tensor
 
+from llavarad.explain import NEEDS_GRADIENTS, Explanation, explain
 from llavarad.generate import Sampling, Token
 from llavarad.images import preprocess, read_image
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
 from llavarad.serve.errors import APIError
+from llavarad.serve.explanation import ExplainRequest, explanation_body, parse_explain
 from llavarad.serve.metrics import Metrics
 from llavarad.serve.scheduler import Job, Scheduler
 from llavarad.tokenizer import Tokenizer, build_prompt, build_question
@@ -50,6 +52,7 @@ class ServeConfig:
     max_pixels: int = 50_000_000  # a 7000x7000 image; chest X-rays are at most about 4300x3500
     max_len: int = 2048  # cache slots per row: image slots + prompt text + new tokens
     image_workers: int = 4
+    explain: bool = True  # False under --quantize int4: its kernels give no gradient
 
     @property
     def max_body_bytes(self) -> int:
@@ -128,6 +131,7 @@ class Server:
 
         app.post("/v1/chat/completions")(self.chat_completions)
         app.post("/v1/preview")(self.preview)
+        app.post("/v1/explain")(self.explain)
         app.get("/v1/models")(self.models)
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
@@ -170,16 +174,56 @@ class Server:
         except ValueError as e:  # read_image's "<name>: cannot read image (...)"
             raise APIError(400, str(e), "invalid_image", "image_url") from None
 
+    async def _json_body(self, request: Request) -> object:
+        data = await read_body(request, self.config.max_body_bytes)
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+
+    async def explain(self, request: Request) -> JSONResponse:
+        """Per-sentence overlays of a report (llavarad/explain.py), computed on the decode loop's thread between
+        decode steps: one teacher-forced forward and a backward per sentence."""
+        start = time.monotonic()
+        if not self.config.explain:
+            raise APIError(400, f"explaining a report {NEEDS_GRADIENTS}: this server runs with --quantize int4 "
+                                "(restart it with --quantize int8, or without --quantize)", "explain_unavailable")
+        if not self.scheduler.alive():
+            raise APIError(503, "the model is not ready", "model_not_ready")
+        req = parse_explain(await self._json_body(request), self.config.max_image_bytes)
+        tokens = await self._off_loop(self._explain_tokens, req)
+        image = await self._off_loop(read_image, req.image, "image_url", self.config.max_pixels)
+        try:
+            future = self.scheduler.call(lambda: explain(self.scheduler.model, self.tokenizer, image, req.reason, req.findings))
+        except queue.Full:
+            raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
+        except RuntimeError:
+            raise APIError(503, "the server is shutting down", "shutting_down") from None
+        try:
+            expl: Explanation = await asyncio.wrap_future(future)
+        except ValueError as e:  # the findings cannot be teacher-forced after this prompt
+            raise APIError(400, str(e), "invalid_value", "findings") from None
+        except Exception as e:  # the model failed
+            raise APIError(500, f"the explanation failed: {type(e).__name__}", "server_error") from None
+        body = await asyncio.get_running_loop().run_in_executor(self.images, explanation_body, expl)
+        print(f"explain: image {len(req.image)} B, {tokens} tokens, {len(expl.sentences)} sentences, "
+              f"{time.monotonic() - start:.3f}s", file=sys.stderr)
+        return JSONResponse(body)
+
+    def _explain_tokens(self, req: ExplainRequest) -> int:
+        """The teacher-forced sequence's length, refused past a cache row's: that bounds the work."""
+        ids = self.tokenizer.encode_prompt(build_prompt(build_question(req.reason)) + " " + req.findings)
+        tokens = len(ids) - 1 + self.n_patches
+        if tokens > self.config.max_len:
+            raise APIError(400, f"the prompt and findings take {tokens} tokens ({self.n_patches} for the image), over the "
+                                f"{self.config.max_len} positions of a cache row", "context_length_exceeded", "findings")
+        return tokens
+
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         if not self.scheduler.alive():
             raise APIError(503, "the model is not ready", "model_not_ready")
-        data = await read_body(request, self.config.max_body_bytes)
-        try:
-            body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
-        chat = parse_chat(body, self.limits)
+        chat = parse_chat(await self._json_body(request), self.limits)
         ids, pixels = await self._off_loop(self._prepare, chat)
         prompt_tokens = len(ids) - 1 + self.n_patches
         if prompt_tokens + chat.max_tokens - 1 > self.config.max_len:

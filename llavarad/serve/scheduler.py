@@ -7,6 +7,10 @@ those rows (one batch), then runs one decode step over every row and hands each 
 new arrivals are interleaved with the decode steps of the requests already running, and a row is
 freed at EOS, at its max_tokens, or as soon as its client goes away. Tokens reach the event loop
 through `deliver`, a callback the request gives (thread-safe: call_soon_threadsafe).
+
+Other model work (an explanation's teacher-forced forward and backward) is handed to the loop with
+call(): it runs on the loop's thread between two decode steps, never alongside one, and its result
+comes back through a Future.
 """
 
 import itertools
@@ -15,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +53,7 @@ class Scheduler:
         self.model, self.metrics = model, metrics
         self.waiting: queue.Queue[Job] = queue.Queue(max_queue)
         self.cancelled: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.calls: queue.Queue[tuple[Future, Callable[[], object]]] = queue.Queue(max_queue)
         self.stopping = threading.Event()
         self.generator = BatchGenerator(model.llm, batch_size, max_len, eos_id, cuda_graph=cuda_graph, compile=compile, sample=True)
         self.thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
@@ -65,6 +71,15 @@ class Scheduler:
             raise RuntimeError("the decode loop is not running")
         self.waiting.put_nowait(job)
         self.metrics.queue.set(self.waiting.qsize())
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the loop's thread between decode steps; raises queue.Full when `max_queue` calls wait.
+        An exception fn raises goes to the Future, not to the loop."""
+        if not self.alive():
+            raise RuntimeError("the decode loop is not running")
+        future: Future = Future()
+        self.calls.put_nowait((future, fn))
+        return future
 
     def cancel(self, job: Job) -> None:
         """Free the job's row (or skip it in the queue); safe to call for a finished job."""
@@ -84,6 +99,7 @@ class Scheduler:
                     job = self.cancelled.get()
                     if live.pop(job.key, None) is not None:
                         self.generator.cancel(job.key)
+                self._run_calls()
                 new = self._take(self.generator.free_rows(), block=not live)
                 tokens = self._admit(new, live) if new else []
                 if live:
@@ -95,7 +111,20 @@ class Scheduler:
         error = self.failure or RuntimeError("the server is shutting down")
         for job in [*live.values(), *self._take(self.waiting.qsize(), block=False)]:
             job.deliver(error)
+        while not self.calls.empty():
+            self.calls.get_nowait()[0].set_exception(error)
         self.metrics.active.set(0)
+
+    def _run_calls(self) -> None:
+        """The calls waiting now (not those queued while they run: decoding goes on between them)."""
+        for _ in range(self.calls.qsize()):
+            future, fn = self.calls.get_nowait()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as e:  # the caller's failure (a bad input), reported to the caller
+                future.set_exception(e)
 
     def _take(self, n: int, block: bool) -> list[Job]:
         """Up to n waiting jobs that were not cancelled; waits a little for the first one when idle."""

@@ -1,8 +1,10 @@
-// The reading-room page: pick an image, type a reason, stream the findings from /v1/chat/completions.
+// The reading-room page: pick an image, type a reason, stream the findings from /v1/chat/completions,
+// then ask /v1/explain for each sentence's map: pointing at a sentence shows its overlay in place of the picture.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let image = null; // {name, dataUrl}
 let controller = null; // aborts the request in flight
+let pictureUrl = null; // what the preview shows when no sentence is pointed at
 
 function apiHeaders(extra) {
   const headers = Object.assign({}, extra || {});
@@ -34,6 +36,7 @@ function readAsDataUrl(file) {
 }
 
 function showPicture(url) {
+  pictureUrl = url;
   $("preview").src = url;
   $("preview").hidden = false;
   $("drop-hint").hidden = true;
@@ -87,6 +90,7 @@ async function generate() {
   showError("");
   $("findings").textContent = "";
   $("stats").textContent = "";
+  $("explain-note").hidden = true;
   $("copy").disabled = true;
   $("generate").disabled = true;
   $("stop").hidden = false;
@@ -95,7 +99,7 @@ async function generate() {
   const reason = $("reason").value;
   if (reason.trim()) content.push({ type: "text", text: reason });
   const start = performance.now();
-  let first = null, tokens = 0;
+  let first = null, tokens = 0, complete = false;
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", signal: controller.signal, headers: apiHeaders({ "Content-Type": "application/json" }),
@@ -114,6 +118,7 @@ async function generate() {
       }
     }
     const end = performance.now();
+    complete = first !== null && !$("error").textContent;
     if (first !== null) {
       const rate = tokens > 1 && end > first ? ((tokens - 1) / ((end - first) / 1000)).toFixed(1) + " tokens/s" : "";
       $("stats").textContent = "time to first token " + ((first - start) / 1000).toFixed(2) + " s" + (rate ? " · " + rate : "") + " · " + tokens + " tokens";
@@ -126,6 +131,44 @@ async function generate() {
     $("stop").hidden = true;
     $("copy").disabled = !$("findings").textContent;
   }
+  if (complete) await explainReport(image.dataUrl, reason, $("findings").textContent);
+}
+
+// Per-sentence maps of the finished report; dropped if another image or report took its place meanwhile.
+async function explainReport(dataUrl, reason, findings) {
+  $("explain-note").hidden = false;
+  $("explain-status").textContent = "Computing the maps…";
+  try {
+    const response = await fetch("/v1/explain", {
+      method: "POST", headers: apiHeaders({ "Content-Type": "application/json" }),
+      body: JSON.stringify({ image_url: dataUrl, reason: reason.trim() ? reason : null, findings }),
+    });
+    const current = () => image && image.dataUrl === dataUrl && $("findings").textContent === findings;
+    if (!response.ok) { if (current()) $("explain-status").textContent = "No maps: " + await errorMessage(response); return; }
+    const explanation = await response.json();
+    if (!current()) return;
+    showSentences(explanation);
+    $("explain-status").textContent = "Point at a sentence to see its map.";
+  } catch (e) {
+    $("explain-status").textContent = "No maps: " + e.message;
+  }
+}
+
+function showSentences(explanation) {
+  const box = $("findings"), text = explanation.findings;
+  box.textContent = "";
+  let at = 0;
+  for (const s of explanation.sentences) {
+    box.append(text.slice(at, s.start));
+    const span = document.createElement("span");
+    span.className = "sentence";
+    span.textContent = text.slice(s.start, s.end);
+    span.addEventListener("mouseenter", () => { $("preview").src = s.overlay; });
+    span.addEventListener("mouseleave", () => { $("preview").src = pictureUrl; });
+    box.append(span);
+    at = s.end;
+  }
+  box.append(text.slice(at));
 }
 
 async function init() {

@@ -1,0 +1,49 @@
+"""POST /v1/explain: a body {image_url, reason, findings} -> a validated ExplainRequest (or an APIError),
+and an Explanation -> the response body, each sentence's overlay as a PNG data: URL.
+
+    {"image_url": "data:image/png;base64,...", "reason": "Cough." or null, "findings": "..."}
+    -> {"object": "explanation", "method": ..., "findings": ..., "sentences":
+        [{"text", "start", "end", "logprob", "overlay": "data:image/png;base64,..."}, ...]}
+
+start and end are character offsets into the response's "findings" (the text as the tokenizer
+spells it back, which is what was explained).
+"""
+
+import base64
+import io
+from dataclasses import dataclass
+
+from llavarad.explain import METHOD, Explanation
+from llavarad.serve.chat import decode_data_url
+from llavarad.serve.errors import APIError
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    image: bytes  # PNG, JPEG or DICOM bytes, not yet decoded
+    reason: str | None  # None: the no-reason prompt
+    findings: str
+
+
+def parse_explain(body: object, max_image_bytes: int) -> ExplainRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    reason, findings = body.get("reason"), body.get("findings")
+    if reason is not None and not isinstance(reason, str):
+        raise APIError(400, "reason must be a string or null", "invalid_type", "reason")
+    if not isinstance(findings, str) or not findings.strip():
+        raise APIError(400, "findings must be a non-empty string: the report to explain", "invalid_value", "findings")
+    image_url = body.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url  # as in chat: "..." or {"url": "..."}
+    return ExplainRequest(decode_data_url(url, max_image_bytes), reason if reason and reason.strip() else None, findings)
+
+
+def explanation_body(expl: Explanation) -> dict:
+    """The response; PNG encoding is slow enough to run off the event loop."""
+    sentences = []
+    for s in expl.sentences:
+        png = io.BytesIO()
+        s.overlay.save(png, "PNG")
+        sentences.append({"text": s.text, "start": s.chars[0], "end": s.chars[1], "logprob": round(s.logprob, 4),
+                          "overlay": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()})
+    return {"object": "explanation", "method": METHOD, "findings": expl.findings, "sentences": sentences}
