@@ -27,13 +27,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from llavarad.config import LLAMA_PRESETS, LlamaConfig, LoRAConfig
+from llavarad.config import LLAMA_PRESETS, TOWER_CKPT, TOWER_JSON, LlamaConfig, LoRAConfig
 from llavarad.llama import Llama
 from llavarad.model import Projector
 from llavarad.release import save_lora_release
 from llavarad.tokenizer import SYSTEM
-from llavarad.vision import TRUNK_PREFIX, VisionConfig, VisionTower
-from llavarad.weights import TOWER_CKPT, TOWER_JSON, ours_to_hf
+from llavarad.vision import VisionConfig, VisionTower
+from llavarad.weights import TRUNK_PREFIX, ours_to_hf
 
 FINDINGS = [
     "Mild cardiomegaly. No focal consolidation, pleural effusion or pneumothorax.",

@@ -20,7 +20,7 @@ import infer
 import train
 from llavarad.demo import TINY_TOWER, try_commands
 from llavarad.demo import main as demo_main
-from llavarad.vision import load_tower
+from llavarad.weights import load_tower
 from llavarad.weights import load_llavarad
 
 ROOT = Path(__file__).resolve().parents[1]
