@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llavarad.batch_infer import predicted_ids, read_results, run_queries
-from llavarad.config import TOWER_CKPT, TOWER_JSON
+from llavarad.infer.batch import predicted_ids, read_results, run_queries
+from llavarad.model.config import TOWER_CKPT, TOWER_JSON
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
-from llavarad.explain import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
-from llavarad.generate import greedy_generate
-from llavarad.images import load_image, preprocess
-from llavarad.model import LlavaRad, context_overflow
-from llavarad.quant import MODES
-from llavarad.records import LOADERS, load_records
-from llavarad.tokenizer import Tokenizer, build_prompt, build_question
-from llavarad.weights import load_llavarad
+from llavarad.explain.relevance import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
+from llavarad.infer.generate import greedy_generate
+from llavarad.infer.images import load_image, preprocess
+from llavarad.model.llava import LlavaRad, context_overflow
+from llavarad.model.quant import MODES
+from llavarad.infer.records import LOADERS, load_records
+from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
+from llavarad.model.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAILED_RECORDS = 3  # exit code of a batch run that wrote an error record for some query

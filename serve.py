@@ -20,9 +20,9 @@ import sys
 import torch
 
 import infer
-from llavarad.quant import MODES
+from llavarad.model.quant import MODES
 from llavarad.serve.app import ServeConfig, Server
-from llavarad.serve.metrics import Metrics
+from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Scheduler
 
 

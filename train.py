@@ -15,8 +15,8 @@ folder, with the settings it was saved with: only those that leave the trained w
 import sys
 
 from llavarad.dist import close_distributed
-from llavarad.train_config import parse_train_args
-from llavarad.train_loop import run_training
+from llavarad.train.config import parse_train_args
+from llavarad.train.loop import run_training
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from llavarad import llama
-from llavarad.config import LLAMA_PRESETS, LlamaConfig
-from llavarad.generate import BatchGenerator
-from llavarad.llama import Llama
-from llavarad.model import LlavaRad, Projector
-from llavarad.tokenizer import IMAGE_TOKEN_INDEX
-from llavarad.vision import VisionConfig, VisionTower
-from llavarad.weights import ours_to_hf
+from llavarad.model import llama
+from llavarad.model.config import LLAMA_PRESETS, LlamaConfig
+from llavarad.infer.generate import BatchGenerator
+from llavarad.model.llama import Llama
+from llavarad.model.llava import LlavaRad, Projector
+from llavarad.model.tokenizer import IMAGE_TOKEN_INDEX
+from llavarad.model.vision import VisionConfig, VisionTower
+from llavarad.model.weights import ours_to_hf
 
 CHECK_PROMPTS, CHECK_NEW = 6, 32  # the correctness check: 6 prompts of different lengths, 32 new tokens each
 

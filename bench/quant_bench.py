@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from llavarad.config import LlamaConfig
-from llavarad.generate import decode_step, prefill
-from llavarad.quant import QuantLinear
-from llavarad.weights import load_llm
+from llavarad.model.config import LlamaConfig
+from llavarad.infer.generate import decode_step, prefill
+from llavarad.model.quant import QuantLinear
+from llavarad.model.weights import load_llm
 
 ROWS = {"bf16": None, "int8": "int8", "int4": "int4", "transformers bf16": None}
 TINY = LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=256)

@@ -200,10 +200,10 @@ def offline(args: argparse.Namespace, work: list[tuple[Path, str | None]], tmp: 
 
 def one_prefill_seconds(args: argparse.Namespace, image: Path) -> float:
     """Image encoding + prefill of one prompt, median of 5, in this process."""
-    from llavarad.generate import BatchGenerator, Prompt
-    from llavarad.images import load_image, preprocess
-    from llavarad.tokenizer import build_prompt, build_question
-    from llavarad.weights import load_llavarad
+    from llavarad.infer.generate import BatchGenerator, Prompt
+    from llavarad.infer.images import load_image, preprocess
+    from llavarad.model.tokenizer import build_prompt, build_question
+    from llavarad.model.weights import load_llavarad
 
     device = torch.device(args.device)
     model, tokenizer = load_llavarad(args.model, args.base, torch.bfloat16 if device.type == "cuda" else torch.float32, device)

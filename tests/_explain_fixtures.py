@@ -9,11 +9,11 @@ from _sp_fixtures import train_tiny_sp
 from _vision_fixtures import randomize_
 from PIL import Image
 
-from llavarad.config import LLAMA_PRESETS
-from llavarad.llama import Llama
-from llavarad.model import LlavaRad, Projector
-from llavarad.tokenizer import Tokenizer
-from llavarad.vision import VisionConfig, VisionTower
+from llavarad.model.config import LLAMA_PRESETS
+from llavarad.model.llama import Llama
+from llavarad.model.llava import LlavaRad, Projector
+from llavarad.model.tokenizer import Tokenizer
+from llavarad.model.vision import VisionConfig, VisionTower
 
 FINDINGS = [
     "Mild cardiomegaly. No focal consolidation, pleural effusion or pneumothorax.",

@@ -11,7 +11,7 @@ from _sp_fixtures import train_tiny_sp
 from _vision_fixtures import write_tiny_tower
 from PIL import Image
 
-from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
+from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
 
 FINDINGS = [
     "Mild cardiomegaly.",

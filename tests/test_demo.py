@@ -20,8 +20,8 @@ import infer
 import train
 from llavarad.demo import TINY_TOWER, try_commands
 from llavarad.demo import main as demo_main
-from llavarad.weights import load_tower
-from llavarad.weights import load_llavarad
+from llavarad.model.weights import load_tower
+from llavarad.model.weights import load_llavarad
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = {"infer.py": infer.main, "evaluate.py": evaluate.main, "train.py": train.main}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from _llama_fixtures import tiny_hf_llama, write_base
 
-from llavarad.generate import BatchGenerator, decode_step, prefill
-from llavarad.weights import load_llm
+from llavarad.infer.generate import BatchGenerator, decode_step, prefill
+from llavarad.model.weights import load_llm
 
 LENGTHS = [9, 3, 14, 6, 11, 4, 8]
 NEW = 12

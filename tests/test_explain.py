@@ -12,14 +12,14 @@ from _infer_fixtures import shared_tiny_release
 from PIL import Image
 from transformers import LlamaTokenizer
 
-from llavarad.explain import TeacherForcing, attention_maps, explain, gradient_relevance
-from llavarad.faithfulness import deletion_drops
-from llavarad.images import preprocess
-from llavarad.llama import Llama
-from llavarad.model import LlavaRad, Projector
-from llavarad.overlay import grid_to_image
-from llavarad.tokenizer import build_prompt, build_question
-from llavarad.vision import VisionConfig, VisionTower
+from llavarad.explain.relevance import TeacherForcing, attention_maps, explain, gradient_relevance
+from llavarad.explain.faithfulness import deletion_drops
+from llavarad.infer.images import preprocess
+from llavarad.model.llama import Llama
+from llavarad.model.llava import LlavaRad, Projector
+from llavarad.explain.overlay import grid_to_image
+from llavarad.model.tokenizer import build_prompt, build_question
+from llavarad.model.vision import VisionConfig, VisionTower
 
 TEXT = "Heart size is normal, e.g. no cardiomegaly. Nodule of 1.5 cm at the left base. No pneumothorax."
 
@@ -38,7 +38,7 @@ def test_sentence_logprobs_and_attention_equal_transformers(tmp_path_factory):
     tokenizer on the text up to each sentence's end; the attention maps rollout is built from
     == transformers' eager attention probabilities, averaged over heads."""
     tiny = shared_tiny_release(tmp_path_factory)
-    from llavarad.weights import load_llavarad
+    from llavarad.model.weights import load_llavarad
 
     model, tok = load_llavarad(str(tiny.release), str(tiny.base), torch.float32, "cpu")
     question = build_question("Cough.")
@@ -128,7 +128,7 @@ def brightness_model(text_ids: list[int]) -> LlavaRad:
     """
     torch.manual_seed(0)
     tower = VisionTower(VisionConfig(image_size=518, width=8, depth=1, heads=1, mlp_hidden=8))
-    from llavarad.config import LLAMA_PRESETS
+    from llavarad.model.config import LLAMA_PRESETS
 
     model = LlavaRad(tower, Projector(8, 64), Llama(LLAMA_PRESETS["tiny"])).eval()
     with torch.no_grad():

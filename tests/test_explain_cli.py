@@ -8,7 +8,7 @@ from _infer_fixtures import REASONS, read_jsonl, shared_tiny_release, write_imag
 from PIL import Image
 
 import infer
-from llavarad.sentences import split_sentences
+from llavarad.explain.sentences import split_sentences
 
 NEW = 24
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -80,7 +80,7 @@ def test_bad_explain_path(setup, tmp_path, capsys):
 
 
 def test_file_stems_of_distinct_ids_are_distinct():
-    from llavarad.explain import file_stem
+    from llavarad.explain.relevance import file_stem
 
     ids = ["a/b", "a_b", "a b", "../a_b", 7, "7", "s50414267"]
     stems = [file_stem(i) for i in ids]

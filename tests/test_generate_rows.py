@@ -11,10 +11,10 @@ from _infer_fixtures import shared_tiny_release, write_images
 from scipy import stats
 from test_engine_batching import LENGTHS, NEW, models  # noqa: F401  (models: prompts and transformers' greedy tokens)
 
-from llavarad.generate import BatchGenerator, Prompt, RowSampling, Sampling, decode_step, prefill
-from llavarad.images import load_image, preprocess
-from llavarad.tokenizer import build_prompt, build_question
-from llavarad.weights import load_llavarad
+from llavarad.infer.generate import BatchGenerator, Prompt, RowSampling, Sampling, decode_step, prefill
+from llavarad.infer.images import load_image, preprocess
+from llavarad.model.tokenizer import build_prompt, build_question
+from llavarad.model.weights import load_llavarad
 
 
 def tokens_by_key(made: list) -> dict:

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from llavarad.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image, preprocess
+from llavarad.infer.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image, preprocess
 
 
 def picture(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -217,7 +217,7 @@ def test_monochrome1_cr_is_inverted(tmp_path, cr_pixels, file_name):
 
 def test_equalization_is_opencvs():
     rng = np.random.default_rng(6)
-    from llavarad.images import _equalize_hist
+    from llavarad.infer.images import _equalize_hist
 
     images = [rng.integers(0, 256, (31, 17)), (rng.beta(2, 5, (300, 200)) * 255), rng.integers(40, 90, (9, 9)),
               np.full((5, 6), 77), np.array([[0, 255]])]

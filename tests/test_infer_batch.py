@@ -8,10 +8,10 @@ import torch
 from _infer_fixtures import REASONS, read_jsonl, shared_tiny_release, write_annotation, write_corrupt, write_images, write_jsonl
 
 import infer
-from llavarad.batch_infer import merge_results, run_queries
-from llavarad.images import load_image
-from llavarad.records import load_records
-from llavarad.weights import load_llavarad
+from llavarad.infer.batch import merge_results, run_queries
+from llavarad.infer.images import load_image
+from llavarad.infer.records import load_records
+from llavarad.model.weights import load_llavarad
 
 NEW = 10
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from llavarad.batch_infer import read_results
+from llavarad.infer.batch import read_results
 from llavarad.jsonl import end_at_line, read_jsonl
 from llavarad.metrics.inputs import read_predictions
-from llavarad.records import load_records
+from llavarad.infer.records import load_records
 
 ROWS = [
     {"id": "a", "image": "a.png", "reason": "Cough.\u2028Fever.", "reference": "Clear.", "prediction": "Clear."},

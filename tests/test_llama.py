@@ -4,8 +4,8 @@ import pytest
 import torch
 from _llama_fixtures import tiny_hf_llama, write_base
 
-from llavarad.generate import greedy_generate
-from llavarad.weights import load_llm
+from llavarad.infer.generate import greedy_generate
+from llavarad.model.weights import load_llm
 
 LENGTHS = [5, 11, 17]
 

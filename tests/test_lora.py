@@ -6,9 +6,9 @@ import torch
 from _llama_fixtures import tiny_hf_llama, write_base
 from peft import LoraConfig, get_peft_model
 
-from llavarad.config import LoRAConfig
-from llavarad.lora import apply_lora, lora_state_dict
-from llavarad.weights import load_adapter, load_llm
+from llavarad.model.config import LoRAConfig
+from llavarad.model.lora import apply_lora, lora_state_dict
+from llavarad.model.weights import load_adapter, load_llm
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

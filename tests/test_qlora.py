@@ -13,13 +13,13 @@ from transformers import LlamaForCausalLM
 
 import infer
 import train
-from llavarad.config import LoRAConfig
-from llavarad.lora import LoRALinear
-from llavarad.model import Projector
-from llavarad.quant import QuantLinear
-from llavarad.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
-from llavarad.train_model import build_model
-from llavarad.weights import load_llavarad, load_llm
+from llavarad.model.config import LoRAConfig
+from llavarad.model.lora import LoRALinear
+from llavarad.model.llava import Projector
+from llavarad.model.quant import QuantLinear
+from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
+from llavarad.train.model import build_model
+from llavarad.model.weights import load_llavarad, load_llm
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

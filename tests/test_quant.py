@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llavarad import quant
-from llavarad.quant import QuantLinear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack_nibbles
+from llavarad.model import quant
+from llavarad.model.quant import QuantLinear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack_nibbles
 
 SHAPES = [(64, 256, 128), (160, 64, 64), (32, 384, 128), (40, 96, 32)]  # (out, in, group); 40: no int4 CPU kernel (N % 16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -15,9 +15,9 @@ from _llama_fixtures import our_logits, tiny_hf_llama, write_base
 from safetensors.torch import save_file
 
 import infer
-from llavarad import quant
-from llavarad.quant import QuantLinear
-from llavarad.weights import load_llm
+from llavarad.model import quant
+from llavarad.model.quant import QuantLinear
+from llavarad.model.weights import load_llm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,9 +70,9 @@ CHILD = """
 import re, sys, threading, time
 from pathlib import Path
 import torch
-from llavarad.config import LlamaConfig
-from llavarad.llama import Llama
-from llavarad.weights import load_llm
+from llavarad.model.config import LlamaConfig
+from llavarad.model.llama import Llama
+from llavarad.model.weights import load_llm
 
 def anon():
     return int(re.search(r"RssAnon:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llavarad.records import load_records
+from llavarad.infer.records import load_records
 
 NO_REASON = "Provide a description of the findings in the radiology image."
 WITH_REASON = "Provide a description of the findings in the radiology image given the following indication: "

@@ -1,4 +1,4 @@
-"""llavarad.sampling.choose: greedy at temperature 0, samples that follow softmax(logits / T) restricted to
+"""llavarad.infer.sampling.choose: greedy at temperature 0, samples that follow softmax(logits / T) restricted to
 the nucleus (chi-square against the distribution computed here in numpy), and draws that depend only on
 (seed, counter), never on the other rows of the batch."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from llavarad.sampling import choose, uniforms
+from llavarad.infer.sampling import choose, uniforms
 
 LOGITS = [2.0, 1.5, 1.4, 0.3, 0.0, -0.2, -1.0, -1.1, -2.5, 3.1, 0.9, -4.0]
 

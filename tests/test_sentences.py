@@ -2,7 +2,7 @@
 
 import pytest
 
-from llavarad.sentences import split_sentences
+from llavarad.explain.sentences import split_sentences
 
 CASES = [
     ("Mild cardiomegaly. No focal consolidation.", ["Mild cardiomegaly.", "No focal consolidation."]),

@@ -16,7 +16,7 @@ from _infer_fixtures import shared_tiny_release
 from _serve_fixtures import NEW, ServerProcess, chat_body, infer_stdout, shared_server, sse_text
 from PIL import Image
 
-from llavarad.tokenizer import SYSTEM, build_question
+from llavarad.model.tokenizer import SYSTEM, build_question
 
 N_PATCHES = 4  # the tiny tower: 28 px images, 14 px patches
 
@@ -153,7 +153,7 @@ def test_models_health_metrics(server):
 def test_preview_renders_dicom_as_png(server, images):
     from io import BytesIO
 
-    from llavarad.images import load_image
+    from llavarad.infer.images import load_image
 
     r = httpx.post(server.url + "/v1/preview", content=(images / "mr.dcm").read_bytes(), timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -12,8 +12,8 @@ from _infer_fixtures import shared_tiny_release, write_images
 from _serve_fixtures import NEW, chat_body, shared_server, sse_text
 
 from infer import describe
-from llavarad.images import load_image
-from llavarad.weights import load_llavarad
+from llavarad.infer.images import load_image
+from llavarad.model.weights import load_llavarad
 
 CLIENTS = 24
 REASONS = [None, "Cough.", "Fever and chills.\nRule out pneumonia.", "Chest pain.", "", "Évaluer l'épanchement pleural.",

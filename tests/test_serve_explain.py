@@ -1,5 +1,5 @@
 """POST /v1/explain on a real serve.py process: each sentence's text, span and overlay equal what
-llavarad.explain.explain gives for the same image, reason and findings on the same tiny release
+llavarad.explain.relevance.explain gives for the same image, reason and findings on the same tiny release
 (the overlay PNGs decoded and compared pixel for pixel); bad bodies get a 4xx with OpenAI's error
 body; explanations asked for while reports are decoding change neither; a server running
 --quantize int4 refuses with a 400 that says why."""
@@ -13,9 +13,9 @@ import torch
 from _infer_fixtures import shared_tiny_release, write_corrupt, write_images
 from _serve_fixtures import ServerProcess, chat_body, data_url, infer_stdout, png_pixels, shared_server
 
-from llavarad.explain import explain
-from llavarad.images import load_image
-from llavarad.weights import load_llavarad
+from llavarad.explain.relevance import explain
+from llavarad.infer.images import load_image
+from llavarad.model.weights import load_llavarad
 
 FINDINGS = "Heart size is normal. No pleural effusion, e.g. on the left. A 1.5 cm nodule"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; the server runs one thread too

@@ -1,6 +1,6 @@
 """The reading-room page in a real browser (headless Debian Chromium through chromedriver): upload an image,
 type a reason, click Generate, and the findings that appear are infer.py's output; pointing at a sentence
-then shows that sentence's overlay (llavarad.explain.explain's, pixel for pixel) in place of the picture,
+then shows that sentence's overlay (llavarad.explain.relevance.explain's, pixel for pixel) in place of the picture,
 and leaving it restores the picture; a file that is not an image shows the server's own message. Screenshots are saved and their paths printed (pytest -s)."""
 
 import os
@@ -15,9 +15,9 @@ import torch
 from _infer_fixtures import shared_tiny_release, write_images
 from _serve_fixtures import chat_body, infer_stdout, png_pixels, shared_server
 
-from llavarad.explain import explain
-from llavarad.images import load_image
-from llavarad.weights import load_llavarad
+from llavarad.explain.relevance import explain
+from llavarad.infer.images import load_image
+from llavarad.model.weights import load_llavarad
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402

@@ -6,7 +6,7 @@ import sentencepiece as spm
 from _sp_fixtures import train_tiny_sp
 
 from llavarad.serve.stream import TextStream
-from llavarad.tokenizer import Tokenizer
+from llavarad.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _sp_fixtures import train_tiny_sp
 
-from llavarad.tokenizer import (
+from llavarad.model.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     SYSTEM,

@@ -10,8 +10,8 @@ from _infer_fixtures import shared_tiny_release
 from PIL import Image
 
 import infer
-from llavarad.config import TOWER_CKPT, TOWER_JSON, MultimodalConfig
-from llavarad.weights import locate_tower
+from llavarad.model.config import TOWER_CKPT, TOWER_JSON, MultimodalConfig
+from llavarad.model.weights import locate_tower
 
 NEW = 6
 

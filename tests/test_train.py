@@ -18,13 +18,13 @@ from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 import infer
 import train
 from _release_fixtures import write_tiny_release
-from llavarad.config import LoRAConfig
-from llavarad.model import Projector
-from llavarad.tokenizer import IGNORE_INDEX
-from llavarad.train_config import TrainConfig, parse_train_args
-from llavarad.train_loop import get_lr, loss_weights, train_step
-from llavarad.train_model import build_model
-from llavarad.weights import load_llavarad
+from llavarad.model.config import LoRAConfig
+from llavarad.model.llava import Projector
+from llavarad.model.tokenizer import IGNORE_INDEX
+from llavarad.train.config import TrainConfig, parse_train_args
+from llavarad.train.loop import get_lr, loss_weights, train_step
+from llavarad.train.model import build_model
+from llavarad.model.weights import load_llavarad
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -9,8 +9,8 @@ from _vision_fixtures import (
     TINY, model_json, official_hidden_states, randomize_, tiny_timm_tower, training_checkpoint,
     write_tiny_tower,
 )
-from llavarad.vision import VisionConfig, VisionTower
-from llavarad.weights import load_tower
+from llavarad.model.vision import VisionConfig, VisionTower
+from llavarad.model.weights import load_tower
 
 JSON, CKPT = "biomedclipcxr_518.json", "biomedclipcxr_518_checkpoint.pt"
 

@@ -28,16 +28,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import Tensor
 
-from llavarad.explain import NEEDS_GRADIENTS, Explanation, explain
-from llavarad.generate import Sampling, Token
-from llavarad.images import preprocess, read_image
+from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
+from llavarad.infer.generate import Sampling, Token
+from llavarad.infer.images import preprocess, read_image
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
 from llavarad.serve.errors import APIError
 from llavarad.serve.explanation import ExplainRequest, explanation_body, parse_explain
-from llavarad.serve.metrics import Metrics
+from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Job, Scheduler
-from llavarad.tokenizer import Tokenizer, build_prompt, build_question
+from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
 
 STATIC = Path(__file__).parent / "static"
 _OPEN_PATHS, _OPEN_PREFIX = ("/health", "/"), "/static/"  # the page loads without the key, then asks for it
@@ -182,7 +182,7 @@ class Server:
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
 
     async def explain(self, request: Request) -> JSONResponse:
-        """Per-sentence overlays of a report (llavarad/explain.py), computed on the decode loop's thread between
+        """Per-sentence overlays of a report (llavarad/explain/relevance.py), computed on the decode loop's thread between
         decode steps: one teacher-forced forward and a backward per sentence."""
         start = time.monotonic()
         if not self.config.explain:

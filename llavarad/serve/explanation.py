@@ -13,7 +13,7 @@ import base64
 import io
 from dataclasses import dataclass
 
-from llavarad.explain import METHOD, Explanation
+from llavarad.explain.relevance import METHOD, Explanation
 from llavarad.serve.chat import decode_data_url
 from llavarad.serve.errors import APIError
 

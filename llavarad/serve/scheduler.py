@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llavarad.generate import BatchGenerator, Prompt, Sampling, Token
-from llavarad.model import LlavaRad
-from llavarad.serve.metrics import Metrics
+from llavarad.infer.generate import BatchGenerator, Prompt, Sampling, Token
+from llavarad.model.llava import LlavaRad
+from llavarad.serve.prometheus import Metrics
 
 
 @dataclass(eq=False)

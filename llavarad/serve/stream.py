@@ -8,7 +8,7 @@ the decoded text ends in something that can still change:
   - a beginning of "</s>": `decode` cuts one literal "</s>" from the end of the text.
 """
 
-from llavarad.tokenizer import Tokenizer
+from llavarad.model.tokenizer import Tokenizer
 
 _EOS_TEXT = "</s>"
 

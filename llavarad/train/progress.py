@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from llavarad.config import LlamaConfig
+from llavarad.model.config import LlamaConfig
 
 
 @dataclass

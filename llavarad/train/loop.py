@@ -27,19 +27,19 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from llavarad.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
-from llavarad.config import LoRAConfig
-from llavarad.data import (TEMPLATES, StepSampler, TrainDataset, accumulation_steps, collate, eval_batches,
+from llavarad.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from llavarad.model.config import LoRAConfig
+from llavarad.train.data import (TEMPLATES, StepSampler, TrainDataset, accumulation_steps, collate, eval_batches,
                            load_train_records, steps_per_epoch, text_length)
 from llavarad.dist import close_distributed, init_distributed, print0
-from llavarad.lora import lora_state_dict
-from llavarad.parallel import parallelize
-from llavarad.release import save_lora_release, save_pretrain_outputs
-from llavarad.tokenizer import Tokenizer
-from llavarad.train_config import TrainConfig, resume_changes, resume_safe_fields
-from llavarad.train_metrics import MetricsLog, StepCounts, format_record
-from llavarad.train_model import TrainModel, build_model, trainable_parameters
-from llavarad.weights import resolve_folder
+from llavarad.model.lora import lora_state_dict
+from llavarad.train.parallel import parallelize
+from llavarad.train.release import save_lora_release, save_pretrain_outputs
+from llavarad.model.tokenizer import Tokenizer
+from llavarad.train.config import TrainConfig, resume_changes, resume_safe_fields
+from llavarad.train.progress import MetricsLog, StepCounts, format_record
+from llavarad.train.model import TrainModel, build_model, trainable_parameters
+from llavarad.model.weights import resolve_folder
 
 
 def run_training(cfg: TrainConfig) -> Path:

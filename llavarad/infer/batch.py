@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from llavarad.dist import barrier, sum_across_ranks
-from llavarad.generate import BatchGenerator
-from llavarad.images import load_image, preprocess
+from llavarad.infer.generate import BatchGenerator
+from llavarad.infer.images import load_image, preprocess
 from llavarad.jsonl import end_at_line, read_jsonl
-from llavarad.model import LlavaRad, context_overflow
-from llavarad.records import Record, is_id
-from llavarad.tokenizer import Tokenizer, build_prompt
+from llavarad.model.llava import LlavaRad, context_overflow
+from llavarad.infer.records import Record, is_id
+from llavarad.model.tokenizer import Tokenizer, build_prompt
 
 
 @dataclass

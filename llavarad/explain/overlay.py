@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from llavarad.images import resize_and_crop
+from llavarad.infer.images import resize_and_crop
 
 # Matplotlib's "inferno" at five stops: dark (low) to light yellow (high), readable in grey print.
 _STOPS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llavarad.config import LoRAConfig
-from llavarad.llama import Llama
-from llavarad.lora import apply_lora
-from llavarad.model import LlavaRad, Projector, splice_image
-from llavarad.tokenizer import IGNORE_INDEX
-from llavarad.vision import VisionTower
-from llavarad.weights import load_llm, load_projector, load_tower, locate_tower, resolve_folder
+from llavarad.model.config import LoRAConfig
+from llavarad.model.llama import Llama
+from llavarad.model.lora import apply_lora
+from llavarad.model.llava import LlavaRad, Projector, splice_image
+from llavarad.model.tokenizer import IGNORE_INDEX
+from llavarad.model.vision import VisionTower
+from llavarad.model.weights import load_llm, load_projector, load_tower, locate_tower, resolve_folder
 
 
 class TrainModel(LlavaRad):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llavarad.config import LoRAConfig
-from llavarad.quant import QuantLinear
+from llavarad.model.config import LoRAConfig
+from llavarad.model.quant import QuantLinear
 
 
 class LoRALinear(nn.Module):

@@ -13,8 +13,8 @@ except ImportError:  # Python 3.10
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from llavarad.quant import MODES
-from llavarad.records import LOADERS
+from llavarad.model.quant import MODES
+from llavarad.infer.records import LOADERS
 
 STAGES = ("pretrain", "lora")
 PARSERS = {int: int, float: float, str: str, str | None: str}  # field type -> command-line parser
@@ -65,7 +65,7 @@ class TrainConfig:
     # compute
     dtype: str = setting('"bfloat16": frozen weights bf16, trainable fp32, bf16 autocast; "float32": all fp32',
                          "bfloat16", ("bfloat16", "float32"))
-    quantize_base: str | None = setting("the decoder's frozen linear layers in 8 or 4 bits (QLoRA; llavarad/quant.py)", None, MODES)
+    quantize_base: str | None = setting("the decoder's frozen linear layers in 8 or 4 bits (QLoRA; llavarad/model/quant.py)", None, MODES)
     activation_checkpointing: str = setting(
         'per decoder block: "full" recomputes the block, "selective" keeps its matmul outputs, "none" keeps all',
         "full", ("full", "selective", "none"), resume=True)
@@ -128,7 +128,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults < `--config FILE.toml` < command-line flags."""
     p = argparse.ArgumentParser(
         description="Train LLaVA-Rad (stage pretrain or lora); run under torchrun for several GPUs.",
-        epilog="Each flag sets the TrainConfig field of the same name (llavarad/train_config.py); a --config file "
+        epilog="Each flag sets the TrainConfig field of the same name (llavarad/train/config.py); a --config file "
                "sets them too, and flags win.",
     )
     p.add_argument("--config", help="TOML file whose keys are the fields below (configs/pretrain.toml, configs/lora.toml)")

@@ -11,7 +11,7 @@ draws for every sentence). A faithful map has a larger drop for its top patches,
 import torch
 from torch import Tensor
 
-from llavarad.explain import TeacherForcing
+from llavarad.explain.relevance import TeacherForcing
 
 
 @torch.no_grad()

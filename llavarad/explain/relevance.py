@@ -34,13 +34,13 @@ from PIL import Image
 from torch import Tensor
 
 from llavarad.errors import first_line
-from llavarad.images import load_image, preprocess
-from llavarad.llama import apply_rope
-from llavarad.model import LlavaRad, image_position
-from llavarad.overlay import crop_box, render
-from llavarad.records import Record
-from llavarad.sentences import split_sentences
-from llavarad.tokenizer import Tokenizer, build_prompt, build_question
+from llavarad.infer.images import load_image, preprocess
+from llavarad.model.llama import apply_rope
+from llavarad.model.llava import LlavaRad, image_position
+from llavarad.explain.overlay import crop_box, render
+from llavarad.infer.records import Record
+from llavarad.explain.sentences import split_sentences
+from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
 
 NEEDS_GRADIENTS = "needs gradients through the decoder, which the int4 inference kernels do not give"
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"

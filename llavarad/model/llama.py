@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llavarad.config import LlamaConfig
+from llavarad.model.config import LlamaConfig
 
 try:  # optional: used for CUDA tensors when installed
     from flash_attn import flash_attn_func, flash_attn_with_kvcache

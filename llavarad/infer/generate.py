@@ -29,8 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llavarad.llama import KVCache, Llama
-from llavarad.sampling import choose
+from llavarad.model.llama import KVCache, Llama
+from llavarad.infer.sampling import choose
 
 
 class RowSampling(NamedTuple):

@@ -3,9 +3,9 @@
 import torch
 from torch import Tensor, nn
 
-from llavarad.llama import Llama
-from llavarad.tokenizer import IMAGE_TOKEN_INDEX
-from llavarad.vision import VisionTower
+from llavarad.model.llama import Llama
+from llavarad.model.tokenizer import IMAGE_TOKEN_INDEX
+from llavarad.model.vision import VisionTower
 
 
 class Projector(nn.Sequential):

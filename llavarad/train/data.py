@@ -1,6 +1,6 @@
 """Training data: records -> token ids with label masks + preprocessed image, batched with little padding.
 
-- `TrainDataset` tokenizes one record with the stage's template ("plain" or "v1", llavarad.tokenizer)
+- `TrainDataset` tokenizes one record with the stage's template ("plain" or "v1", llavarad.model.tokenizer)
   and loads + preprocesses its image; it runs in the DataLoader's worker processes. A sample of
   more than `max_len` token ids is cut at the end (and reported) while the image is still one
   token, as the official collator cuts. Its labels get the N image positions that
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from llavarad.images import load_image, preprocess
-from llavarad.model import image_position
-from llavarad.records import Record, load_records
-from llavarad.tokenizer import IGNORE_INDEX, Tokenizer
+from llavarad.infer.images import load_image, preprocess
+from llavarad.model.llava import image_position
+from llavarad.infer.records import Record, load_records
+from llavarad.model.tokenizer import IGNORE_INDEX, Tokenizer
 
 TEMPLATES = {"pretrain": "plain", "lora": "v1"}
 PAD_ID = 0  # <unk>, as the official training pads; padding is never attended to by a real token nor supervised

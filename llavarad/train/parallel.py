@@ -8,7 +8,7 @@ from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from llavarad.train_model import TrainModel
+from llavarad.train.model import TrainModel
 
 # Kept by "selective" checkpointing: the outputs of the expensive ops of a block, its matmuls and
 # attention; the backward recomputes only the cheap elementwise ops (norms, RoPE, SiLU, dropout).

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from llavarad.config import TOWER_CKPT, TOWER_JSON, LoRAConfig, read_json
-from llavarad.weights import ours_to_hf
+from llavarad.model.config import TOWER_CKPT, TOWER_JSON, LoRAConfig, read_json
+from llavarad.model.weights import ours_to_hf
 
 
 def llava_config(base_dir: Path, mm_hidden: int, tower_json: str, tower_ckpt: str) -> dict:
@@ -74,7 +74,7 @@ def peft_adapter_config(lora: LoRAConfig, base_name: str) -> dict:
 
 def save_lora_release(folder: Path, projector: dict[str, Tensor], adapter: dict[str, Tensor], lora: LoRAConfig,
                       base_dir: Path, base_name: str, tower_dir: Path) -> None:
-    """adapter: {"layers.{i}.attn.q_proj.lora_A": (r, in), "...lora_B": (out, r), ...} (llavarad.lora names)."""
+    """adapter: {"layers.{i}.attn.q_proj.lora_A": (r, in), "...lora_B": (out, r), ...} (llavarad.model.lora names)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in (TOWER_JSON, TOWER_CKPT):  # the tower never trains: the folder carries the one it ran with
         if (tower_dir / name).resolve() != (folder / name).resolve():

@@ -15,15 +15,15 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from llavarad.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
+from llavarad.model.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.errors import first_line
 from llavarad.hub import hub_download
-from llavarad.llama import Llama
-from llavarad.lora import merge_lora
-from llavarad.model import LlavaRad, Projector
-from llavarad.quant import QUANTIZED, QuantLinear
-from llavarad.tokenizer import Tokenizer
-from llavarad.vision import Block, VisionConfig, VisionTower
+from llavarad.model.llama import Llama
+from llavarad.model.lora import merge_lora
+from llavarad.model.llava import LlavaRad, Projector
+from llavarad.model.quant import QUANTIZED, QuantLinear
+from llavarad.model.tokenizer import Tokenizer
+from llavarad.model.vision import Block, VisionConfig, VisionTower
 
 # Hugging Face Llama key -> our key; "{}" is the layer index.
 LLAMA_KEYS = {
@@ -158,7 +158,7 @@ def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter
     """Build the decoder on the meta device and assign the base weights tensor by tensor, so a 7B
     model never exists twice in memory. A LoRA `adapter` (from `load_adapter`) is merged at `scale`.
     `quantize` ("int8" | "int4"): each linear layer of the blocks is quantized as it is read (see
-    llavarad.quant; `trainable_input`: for QLoRA), so memory stays near the quantized size; `dtype`
+    llavarad.model.quant; `trainable_input`: for QLoRA), so memory stays near the quantized size; `dtype`
     is that of the activations and of the weights left unquantized."""
     cfg = LlamaConfig.from_hf(base / "config.json")
     with torch.device("meta"):
