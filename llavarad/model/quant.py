@@ -9,7 +9,9 @@ take `scales_and_zeros` whatever we choose): the 16 levels then span each group'
 worst rounding error is (max - min) / 30, against max|w| / 14 for symmetric levels, at no extra cost.
 
 Kernels: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (CPU) or
-`torch._weight_int4pack_mm` (CUDA, bf16). Where this torch has no kernel for the device, dtype or
+`torch._weight_int4pack_mm` (CUDA, bf16). A stored (exported) int4 weight is in the "tiles64" layout
+(`tile_int4`), which is the CPU kernel's own on an AVX512 CPU: such a CPU uses the stored bytes as
+they are (memory-mapped, no copy); another CPU or a GPU repacks them at load. Where this torch has no kernel for the device, dtype or
 shape, the layer keeps the plain packing (int8, or two int4 per byte) and dequantizes at every call
 before an ordinary matmul: correct everywhere, but slower, and it says so once on stderr.
 
@@ -84,6 +86,48 @@ def unpack_nibbles(p: Tensor) -> Tensor:
     return torch.stack([p >> 4, p & 15], -1).reshape(p.shape[0], -1).to(torch.int32)
 
 
+TILE = 64  # rows per tile of the stored int4 layout
+
+
+def tile_int4(q: Tensor) -> Tensor:
+    """The stored int4 layout, "tiles64": q (N, K) in 0..15, N a multiple of 16 -> (N, K/2) uint8.
+    Rows in tiles of 64, each tile k-major (K, 32) bytes, byte i = row i | row i + 32 << 4; a last
+    tile of 16, 32 or 48 rows is k-major with byte j = row 2j | row 2j + 1 << 4. This is what
+    torch's CPU packer writes on an AVX512 CPU (`_cpu_reads_tiles` checks it at run time)."""
+    N, K = q.shape
+    if N % 16:
+        raise ValueError(f"int4: out_features {N} is not a multiple of 16")
+    q = q.to(torch.uint8)
+    full = N - N % TILE
+    body = q[:full].view(full // TILE, 2, TILE // 2, K)  # (T, 2, 32, K)
+    body = (body[:, 0] | body[:, 1] << 4).transpose(1, 2)  # (T, K, 32)
+    tail = q[full:].view(-1, 2, K)  # (r/2, 2, K)
+    tail = (tail[:, 0] | tail[:, 1] << 4).t()  # (K, r/2)
+    return torch.cat([body.reshape(-1), tail.reshape(-1)]).view(N, K // 2)
+
+
+def untile_int4(t: Tensor) -> Tensor:
+    """The inverse of tile_int4: (N, K/2) uint8 -> q (N, K) uint8."""
+    N, K = t.shape[0], t.shape[1] * 2
+    full = N - N % TILE
+    flat = t.reshape(-1)
+    body = flat[: full * K // 2].view(full // TILE, K, TILE // 2).transpose(1, 2)  # (T, 32, K)
+    tail = flat[full * K // 2 :].view(K, -1).t()  # (r/2, K)
+    return torch.cat([torch.cat([body & 15, body >> 4], 1).reshape(full, K),
+                      torch.stack([tail & 15, tail >> 4], 1).reshape(N - full, K)])
+
+
+def _cpu_reads_tiles() -> bool:
+    """Whether this CPU's int4 kernel takes the tiles64 layout (AVX512 builds do; AVX2 ones tile by 32)."""
+    if not hasattr(_cpu_reads_tiles, "answer"):
+        q = torch.randint(0, 16, (112, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        try:
+            _cpu_reads_tiles.answer = torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 1), tile_int4(q))
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _cpu_reads_tiles.answer = False
+    return _cpu_reads_tiles.answer
+
+
 class QuantLinear(nn.Module):
     """A bias-free linear layer y = x W^T with W quantized. Buffers: `weight` (the packed codes, in the
     kernel's layout or the plain one) and `scales` (int8: (N,); int4: scales_and_zeros (K/group, N, 2))."""
@@ -109,36 +153,68 @@ class QuantLinear(nn.Module):
         w = w.to(device)
         if mode == "int8":
             q, s = quantize_int8(w, dtype)
-            layer = cls(q, s, mode, K, N, 0, "int8")
-        else:
-            if K % group:
-                g = math.gcd(group, K)
-                say_once(f"int4: in_features {K} is not a multiple of the group size {group}; groups of {g} for those layers")
-                group = g
-            q, sz = quantize_int4(w, group, dtype)
-            if trainable_input:
-                return cls(pack_nibbles(q), sz, mode, K, N, group, None)
-            kernel = "int4_cuda" if w.device.type == "cuda" else "int4_cpu"
-            packed = _pack_int4(q, kernel)
-            layer = cls(packed if packed is not None else pack_nibbles(q), sz, mode, K, N, group, kernel)
-        try:  # a kernel that rejects this device, dtype or shape says so here, once, not in the middle of a run
+            return cls._checked(q, s, mode, K, N, 0, "int8")
+        if K % group:
+            g = math.gcd(group, K)
+            say_once(f"int4: in_features {K} is not a multiple of the group size {group}; groups of {g} for those layers")
+            group = g
+        q, sz = quantize_int4(w, group, dtype)
+        if trainable_input:
+            return cls(pack_nibbles(q), sz, mode, K, N, group, None)
+        kernel = "int4_cuda" if w.device.type == "cuda" else "int4_cpu"
+        packed = _pack_int4(q, kernel)
+        return cls._checked(packed if packed is not None else pack_nibbles(q), sz, mode, K, N, group, kernel, plain=q)
+
+    @classmethod
+    def from_stored(cls, weight: Tensor, scales: Tensor, mode: str, device: torch.device | str,
+                    dtype: torch.dtype) -> "QuantLinear":
+        """A layer from its stored tensors (an export): int8 q (N, K) and scales (N,); int4 tiles64
+        (N, K/2) (see tile_int4) and scales_and_zeros (K/group, N, 2). On a CPU whose kernel reads
+        tiles64 and int8, the tensors are used as they are (memory-mapped: no copy); otherwise they
+        are repacked for the device, as from_float would pack them."""
+        N, K = weight.shape[0], weight.shape[1] * (2 if mode == "int4" else 1)
+        device, scales = torch.device(device), scales.to(device=device, dtype=dtype)
+        if mode == "int8":
+            return cls._checked(weight.to(device), scales, mode, K, N, 0, "int8")
+        group = K // scales.shape[0]
+        if device.type == "cpu" and _cpu_reads_tiles():
+            return cls._checked(weight, scales, mode, K, N, group, "int4_cpu")
+        q = untile_int4(weight.to(device)).to(torch.int32)
+        kernel = "int4_cuda" if device.type == "cuda" else "int4_cpu"
+        packed = _pack_int4(q, kernel)
+        return cls._checked(packed if packed is not None else pack_nibbles(q), scales, mode, K, N, group, kernel, plain=q)
+
+    @classmethod
+    def _checked(cls, weight: Tensor, scales: Tensor, mode: str, K: int, N: int, group: int, kernel: str,
+                 plain: Tensor | None = None) -> "QuantLinear":
+        """The layer with its kernel, or, where the kernel rejects this device, dtype or shape (a trial
+        matmul says so), the plain layout dequantized at every call (one line on stderr, once)."""
+        layer = cls(weight, scales, mode, K, N, group, kernel)
+        try:
             with torch.no_grad():
-                layer.matmul(torch.zeros(1, K, dtype=dtype, device=w.device))
+                layer.matmul(torch.zeros(1, K, dtype=scales.dtype, device=weight.device))
+            return layer
         except (RuntimeError, NotImplementedError) as e:
-            say_once(f"{mode}: no packed kernel for {w.device.type} {dtype} {tuple(w.shape)} here ({first_line(e)}); "
+            say_once(f"{mode}: no packed kernel for {weight.device.type} {scales.dtype} {(N, K)} here ({first_line(e)}); "
                      f"dequantizing at every call instead (correct, slower)")
-            layer = cls(q if mode == "int8" else pack_nibbles(q), layer.scales, mode, K, N, group, None)
-        return layer
+        if mode == "int4":
+            weight = pack_nibbles(plain if plain is not None else untile_int4(weight))
+        return cls(weight, scales, mode, K, N, group, None)
 
     def dequantized(self) -> Tensor:
-        """W as the forward uses it, (N, K) in the activation dtype. Only the int8 and plain layouts
-        unpack: the int4 kernels' tiled layouts are for inference."""
+        """W as the forward uses it, (N, K) in the activation dtype. The int8, plain and tiles64 (the
+        CPU kernel's) layouts unpack; the CUDA kernel's tiled layout is for inference only."""
+        dtype = self.scales.dtype
         if self.mode == "int8":
-            return dequantize_int8(self.weight, self.scales).to(self.scales.dtype)
-        if self.kernel is not None:
-            raise NotImplementedError("int4 weights packed for the inference kernel have no gradient path; "
+            return self.weight * self.scales[:, None]  # int8 x dtype -> dtype, computed in float32
+        if self.kernel is None:
+            q = unpack_nibbles(self.weight)
+        elif self.kernel == "int4_cpu" and _cpu_reads_tiles():
+            q = untile_int4(self.weight)
+        else:
+            raise NotImplementedError("int4 weights packed for the CUDA kernel have no gradient path; "
                                       "quantize with trainable_input=True for training")
-        return dequantize_int4(unpack_nibbles(self.weight), self.scales).to(self.scales.dtype)
+        return dequantize_int4(q, self.scales).to(dtype)
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (M, K) in the activation dtype -> (M, N)."""

@@ -153,22 +153,15 @@ def load_adapter(folder: Path) -> tuple[dict[str, Tensor], float]:
     return adapter, scale
 
 
-def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter: dict[str, Tensor] | None = None,
-             scale: float = 1.0, quantize: str | None = None, trainable_input: bool = False) -> Llama:
-    """Build the decoder on the meta device and assign the base weights tensor by tensor, so a 7B
-    model never exists twice in memory. A LoRA `adapter` (from `load_adapter`) is merged at `scale`.
-    `quantize` ("int8" | "int4"): each linear layer of the blocks is quantized as it is read (see
-    llavarad.model.quant; `trainable_input`: for QLoRA), so memory stays near the quantized size; `dtype`
-    is that of the activations and of the weights left unquantized."""
-    cfg = LlamaConfig.from_hf(base / "config.json")
-    with torch.device("meta"):
-        llm = Llama(cfg)
-    expected = {k: tuple(v.shape) for k, v in llm.state_dict().items()}
+def merged_decoder(base: Path, expected: dict[str, tuple[int, ...]], adapter: dict[str, Tensor] | None = None,
+                   scale: float = 1.0) -> Iterator[tuple[str, Tensor]]:
+    """(our key, tensor) for every decoder tensor of the base checkpoint, one at a time, shapes checked
+    against `expected` ({our key: shape}), a LoRA `adapter` (from `load_adapter`) merged at `scale`
+    (in float32). A missing tensor, or an adapter module without a base weight, is an error at the end."""
     by_module: dict[str, dict[str, Tensor]] = {}
     for k, v in (adapter or {}).items():
         by_module.setdefault(k.rsplit(".", 1)[0] + ".weight", {})[k] = v
-    sd: dict[str, Tensor] = {}
-    quantized: set[str] = set()
+    seen: set[str] = set()
     for key, t, f in iter_checkpoint(base):
         try:
             ours = hf_to_ours(key)
@@ -180,16 +173,32 @@ def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter
             raise ValueError(f"{f}: {key} has shape {tuple(t.shape)}, expected {expected[ours]} from {base / 'config.json'}")
         if ours in by_module:
             t = merge_lora({ours: t}, by_module.pop(ours), scale)[ours]
-        if quantize and ours.split(".")[-2] in QUANTIZED:
-            llm.set_submodule(ours.removesuffix(".weight"), QuantLinear.from_float(t, quantize, dtype, device, trainable_input=trainable_input))
-            quantized.add(ours)
-        else:  # quantizing: copied, so that no tensor pins the memory-mapped file once it is read
-            sd[ours] = t.to(device=device, dtype=dtype, copy=bool(quantize))
-    missing = [ours_to_hf(k) for k in expected if k not in sd and k not in quantized]
+        seen.add(ours)
+        yield ours, t
+    missing = [ours_to_hf(k) for k in expected if k not in seen]
     if missing:
         raise ValueError(f"{base}: missing {len(missing)} tensors, e.g. {missing[0]!r}")
     if by_module:
         raise ValueError(f"adapter: LoRA for {sorted(by_module)[0]!r} has no base weight")
+
+
+def load_llm(base: Path, dtype: torch.dtype, device: str | torch.device, adapter: dict[str, Tensor] | None = None,
+             scale: float = 1.0, quantize: str | None = None, trainable_input: bool = False) -> Llama:
+    """Build the decoder on the meta device and assign the base weights tensor by tensor, so a 7B
+    model never exists twice in memory. A LoRA `adapter` (from `load_adapter`) is merged at `scale`.
+    `quantize` ("int8" | "int4"): each linear layer of the blocks is quantized as it is read (see
+    llavarad.model.quant; `trainable_input`: for QLoRA), so memory stays near the quantized size; `dtype`
+    is that of the activations and of the weights left unquantized."""
+    cfg = LlamaConfig.from_hf(base / "config.json")
+    with torch.device("meta"):
+        llm = Llama(cfg)
+    expected = {k: tuple(v.shape) for k, v in llm.state_dict().items()}
+    sd: dict[str, Tensor] = {}
+    for ours, t in merged_decoder(base, expected, adapter, scale):
+        if quantize and ours.split(".")[-2] in QUANTIZED:
+            llm.set_submodule(ours.removesuffix(".weight"), QuantLinear.from_float(t, quantize, dtype, device, trainable_input=trainable_input))
+        else:  # quantizing: copied, so that no tensor pins the memory-mapped file once it is read
+            sd[ours] = t.to(device=device, dtype=dtype, copy=bool(quantize))
     llm.load_state_dict(sd, assign=True, strict=not quantize)  # the quantized layers are in place already
     return llm.eval()
 
