@@ -28,6 +28,7 @@ from llavarad.infer.batch import predicted_ids, read_results, run_queries
 from llavarad.model.config import TOWER_CKPT, TOWER_JSON
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
 from llavarad.explain.relevance import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
+from llavarad.infer.export import DTYPES, is_export, load_export
 from llavarad.infer.generate import greedy_generate
 from llavarad.infer.images import load_image, preprocess
 from llavarad.model.llava import LlavaRad, context_overflow
@@ -36,7 +37,6 @@ from llavarad.infer.records import LOADERS, load_records
 from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
 from llavarad.model.weights import load_llavarad
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAILED_RECORDS = 3  # exit code of a batch run that wrote an error record for some query
 
 
@@ -48,14 +48,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", nargs="?", help="one chest X-ray: PNG, JPEG, DICOM (.dcm) or any image PIL reads")
     p.add_argument("--reason", help="reason for exam (indication); omitted -> the no-reason prompt")
-    p.add_argument("--model", default="microsoft/llava-rad", help="release folder or Hugging Face repo id (default: %(default)s)")
+    p.add_argument("--model", default="microsoft/llava-rad",
+                   help="release folder, Hugging Face repo id, or an export (python -m llavarad.export) (default: %(default)s)")
     p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id (default: %(default)s)")
     p.add_argument("--tower", help=f"folder with the tower files ({TOWER_JSON}, {TOWER_CKPT}), looked in after the "
                                    "release folder and the paths its config.json gives (default: none)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="most tokens per report; the prompt plus these must fit the decoder's context (default: %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, this rank's GPU under torchrun, when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: an export's own; else bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, quantized while loading "
                    "(--dtype stays the dtype of the activations and of the other weights; default: none)")
     p.add_argument("--explain", metavar="DIR", help="write per-sentence heatmaps over the image (PNG) and their grids (JSON) to DIR")
@@ -160,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     t0 = time.time()
+    if is_export(args.model):  # everything is in the folder, merged and quantized already
+        model, tokenizer = load_export(args.model, device, DTYPES[args.dtype] if args.dtype else None, args.quantize)
+        print0(f"loaded the export {args.model} in {time.time() - t0:.1f}s", file=sys.stderr)
+        return model, tokenizer
     model, tokenizer = load_llavarad(args.model, args.base, dtype, device, tower_dir=args.tower, quantize=args.quantize)
     print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
     return model, tokenizer

@@ -64,6 +64,15 @@ def quantize_int4(w: Tensor, group: int, dtype: torch.dtype) -> tuple[Tensor, Te
     return q.to(torch.int32).reshape(N, K), torch.stack([s, z], -1).transpose(0, 1).contiguous()
 
 
+def int4_group(K: int, group: int = GROUP_SIZE) -> int:
+    """The group size for in_features K: `group`, or the largest that divides K (said once)."""
+    if K % group == 0:
+        return group
+    g = math.gcd(group, K)
+    say_once(f"int4: in_features {K} is not a multiple of the group size {group}; groups of {g} for those layers")
+    return g
+
+
 def dequantize_int8(q: Tensor, s: Tensor) -> Tensor:
     """(N, K) float32."""
     return q.float() * s.float()[:, None]
@@ -154,10 +163,7 @@ class QuantLinear(nn.Module):
         if mode == "int8":
             q, s = quantize_int8(w, dtype)
             return cls._checked(q, s, mode, K, N, 0, "int8")
-        if K % group:
-            g = math.gcd(group, K)
-            say_once(f"int4: in_features {K} is not a multiple of the group size {group}; groups of {g} for those layers")
-            group = g
+        group = int4_group(K, group)
         q, sz = quantize_int4(w, group, dtype)
         if trainable_input:
             return cls(pack_nibbles(q), sz, mode, K, N, group, None)
