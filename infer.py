@@ -48,8 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", nargs="?", help="one chest X-ray: PNG, JPEG, DICOM (.dcm) or any image PIL reads")
     p.add_argument("--reason", help="reason for exam (indication); omitted -> the no-reason prompt")
-    p.add_argument("--model", default="microsoft/llava-rad",
-                   help="release folder, Hugging Face repo id, or an export (python -m llavarad.export) (default: %(default)s)")
+    p.add_argument("--model", default="microsoft/llava-rad", help="release or export folder, or Hugging Face repo id (default: %(default)s)")
     p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id (default: %(default)s)")
     p.add_argument("--tower", help=f"folder with the tower files ({TOWER_JSON}, {TOWER_CKPT}), looked in after the "
                                    "release folder and the paths its config.json gives (default: none)")
