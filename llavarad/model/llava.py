@@ -39,22 +39,18 @@ def splice_image(ids: list[int], image: Tensor, embed: nn.Embedding) -> Tensor:
     return torch.cat([embed(before), image.to(embed.weight.dtype), embed(after)])  # (T - 1 + N, dim)
 
 
-def context_overflow(model: "LlavaRad", ids: list[int], max_new_tokens: int) -> str | None:
-    """Why a prompt (token ids with one image token) cannot be generated, or None: its positions
-    (the image token becomes the tower's patches) plus max_new_tokens must fit in the decoder's
-    context, max_position_embeddings, the positions the model was trained with."""
-    positions = len(ids) - 1 + model.tower.num_patches
-    context = model.llm.cfg.max_seq_len
-    if positions + max_new_tokens <= context:
-        return None
-    return (f"the prompt takes {positions} positions (image included) + max_new_tokens {max_new_tokens} = "
-            f"{positions + max_new_tokens}, over the decoder's context of {context} (max_position_embeddings)")
-
-
 class LlavaRad(nn.Module):
     def __init__(self, tower: VisionTower, projector: Projector, llm: Llama):
         super().__init__()
         self.tower, self.projector, self.llm = tower, projector, llm
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
+    def positions(self, ids: list[int]) -> int:
+        """The decoder positions a prompt of token ids takes: its image token becomes the tower's patches."""
+        return len(ids) - 1 + self.tower.num_patches
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) -> projected image features (B, N, dim)."""
