@@ -29,8 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llavarad.model.llama import KVCache, Llama
 from llavarad.infer.sampling import choose
+from llavarad.model.llama import KVCache, Llama
 
 
 class RowSampling(NamedTuple):

@@ -32,13 +32,13 @@ from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
 from llavarad.infer.generate import Sampling, Token
 from llavarad.infer.images import preprocess, read_image
 from llavarad.infer.pipeline import prompt_ids
+from llavarad.model.tokenizer import Tokenizer, build_question
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
 from llavarad.serve.errors import APIError
 from llavarad.serve.explanation import ExplainRequest, explanation_body, parse_explain
 from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Job, Scheduler
-from llavarad.model.tokenizer import Tokenizer, build_question
 
 STATIC = Path(__file__).parent / "static"
 _OPEN_PATHS, _OPEN_PREFIX = ("/health", "/"), "/static/"  # the page loads without the key, then asks for it
