@@ -18,7 +18,7 @@ from llavarad.explain.relevance import TeacherForcing, attention_maps, explain, 
 from llavarad.infer.images import preprocess
 from llavarad.model.llama import Llama
 from llavarad.model.llava import LlavaRad, Projector
-from llavarad.model.tokenizer import build_prompt, build_question
+from llavarad.model.prompt import build_prompt, build_question
 from llavarad.model.vision import VisionConfig, VisionTower
 
 TEXT = "Heart size is normal, e.g. no cardiomegaly. Nodule of 1.5 cm at the left base. No pneumothorax."

@@ -41,7 +41,8 @@ from llavarad.infer.pipeline import prompt_ids
 from llavarad.infer.records import Record
 from llavarad.model.llama import apply_rope
 from llavarad.model.llava import LlavaRad, image_position
-from llavarad.model.tokenizer import Tokenizer, build_question
+from llavarad.model.prompt import build_question
+from llavarad.model.tokenizer import Tokenizer
 
 NEEDS_GRADIENTS = "needs gradients through the decoder, which the int4 inference kernels do not give"
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"

@@ -22,7 +22,8 @@ from llavarad.dist import print0
 from llavarad.infer.generate import greedy_generate
 from llavarad.infer.images import preprocess
 from llavarad.model.llava import LlavaRad
-from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
+from llavarad.model.prompt import build_prompt, build_question
+from llavarad.model.tokenizer import Tokenizer
 from llavarad.model.weights import load_llavarad
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -32,7 +32,8 @@ from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
 from llavarad.infer.generate import Sampling, Token
 from llavarad.infer.images import preprocess, read_image
 from llavarad.infer.pipeline import prompt_ids
-from llavarad.model.tokenizer import Tokenizer, build_question
+from llavarad.model.prompt import build_question
+from llavarad.model.tokenizer import Tokenizer
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
 from llavarad.serve.errors import APIError

@@ -27,10 +27,9 @@ from torch.utils.data import Dataset
 from llavarad.infer.images import load_image, preprocess
 from llavarad.infer.records import Record, load_records
 from llavarad.model.llava import image_position, splice_labels
-from llavarad.model.tokenizer import IGNORE_INDEX, Tokenizer
+from llavarad.model.tokenizer import IGNORE_INDEX, PAD_ID, Tokenizer
 
 TEMPLATES = {"pretrain": "plain", "lora": "v1"}
-PAD_ID = 0  # <unk>, as the official training pads; padding is never attended to by a real token nor supervised
 
 
 def load_train_records(path: str | Path, loader: str) -> list[Record]:
