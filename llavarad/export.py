@@ -8,7 +8,8 @@ import argparse
 import sys
 import time
 
-from llavarad.infer.export import DTYPES, export
+from llavarad.infer.export import export
+from llavarad.infer.pipeline import DTYPES
 from llavarad.model.quant import MODES
 
 

@@ -38,8 +38,7 @@ from llavarad.model.weights import (load_adapter, load_projector, load_tower, lo
 
 FORMAT, VERSION, MANIFEST = "llavarad-export", 1, "manifest.json"
 SHARD_BYTES = 2 * 10**9
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the manifest's dtype: a torch attribute
 
 
 def is_export(name: str | Path) -> bool:
@@ -76,7 +75,7 @@ def export(release: str, base: str, output: str | Path, dtype: torch.dtype, quan
         save_file(_cast(projector.state_dict(), dtype), partial / "projector.safetensors")
         shutil.copyfile(base_dir / "tokenizer.model", partial / "tokenizer.model")
         manifest = {
-            "format": FORMAT, "version": VERSION, "dtype": DTYPE_NAMES[dtype], "quantize": quantize,
+            "format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."), "quantize": quantize,
             "int4_layout": "tiles64" if quantize == "int4" else None, "decoder": decoder,
             "sources": {"model": _identity(release_dir), "base": _identity(base_dir)},
             "files": {f.name: f.stat().st_size for f in sorted(partial.iterdir())},
@@ -156,7 +155,7 @@ def load_export(folder: str | Path, device: str | torch.device, dtype: torch.dty
     be the export's own: quantizing happens when exporting."""
     folder = Path(folder).expanduser()
     manifest = _checked_manifest(folder)
-    dtype = dtype or DTYPES[manifest["dtype"]]
+    dtype = dtype or getattr(torch, manifest["dtype"])
     if quantize not in (None, manifest["quantize"]):
         raise ValueError(f"{folder}: the export is {manifest['quantize'] or 'not quantized'}; --quantize {quantize} "
                          f"asks for another (export again with --quantize {quantize})")
@@ -220,7 +219,7 @@ def _checked_manifest(folder: Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{folder / MANIFEST}: not a {FORMAT} version {VERSION} manifest")
     try:
-        if manifest["quantize"] not in (None, *MODES) or manifest["dtype"] not in DTYPE_NAMES.values():
+        if manifest["quantize"] not in (None, *MODES) or manifest["dtype"] not in DTYPE_NAMES:
             raise ValueError(f"{folder / MANIFEST}: unknown quantize {manifest['quantize']!r} or dtype {manifest['dtype']!r}")
         files, decoder = dict(manifest["files"]), list(manifest["decoder"])
     except (KeyError, TypeError) as e:
