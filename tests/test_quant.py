@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from llavarad.model import quant
-from llavarad.model.quant import QuantLinear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, unpack_nibbles
+from llavarad.model.quant import (DENSE_ROWS, QuantLinear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, tile_int4,
+                                  unpack_nibbles, untile_int4)
 
 SHAPES = [(64, 256, 128), (160, 64, 64), (32, 384, 128), (40, 96, 32)]  # (out, in, group); 40: no int4 CPU kernel (N % 16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -114,3 +115,45 @@ def test_backward_is_through_the_dequantized_weight(mode):
     (F.linear(x_ref, deq) * up).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     assert not any(t.requires_grad for t in layer.buffers())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("shape", SHAPES[:3] + [(4096, 256, 128)])
+def test_long_inputs_dequantize_then_match_the_kernel(shape, mode, dtype):
+    """From DENSE_ROWS rows the CPU layer multiplies by its dequantized weight: the packed kernel's
+    result within float rounding (the two sum in different orders); below, the kernel itself."""
+    N, K, group = shape
+    g = torch.Generator().manual_seed(N)
+    layer = QuantLinear.from_float(torch.randn(N, K, generator=g) * 0.02, mode, dtype, "cpu", group)
+    if mode == "int8":
+        kernel = lambda x: torch._weight_int8pack_mm(x, layer.weight, layer.scales)  # noqa: E731
+    else:
+        kernel = lambda x: torch._weight_int4pack_mm_for_cpu(x, layer.weight, layer.group, layer.scales)  # noqa: E731
+    for rows in (DENSE_ROWS - 1, DENSE_ROWS, 300):
+        x = torch.randn(rows, K, generator=g).to(dtype)
+        # bf16: outputs ~0.4, rounded in different orders: a couple of bf16 steps (2^-8 relative) apart
+        tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=5e-3)}[dtype]
+        torch.testing.assert_close(layer.matmul(x), kernel(x), **tol)
+        if rows < DENSE_ROWS:
+            assert torch.equal(layer.matmul(x), kernel(x))
+
+
+def test_tiles64_is_the_cpu_kernels_layout_and_stored_layers_equal_quantized_ones():
+    """tile_int4 writes what torch's CPU packer writes here (an AVX512 build), tails of 16/32/48 rows
+    included; untile_int4 inverts it; a layer built from stored tensors equals one quantized at load."""
+    if not quant._cpu_reads_tiles():
+        pytest.skip("this CPU's int4 kernel tiles differently (the layers are repacked at load)")
+    for N in (16, 48, 64, 160, 4096):
+        q = torch.randint(0, 16, (N, 128), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
+        assert torch.equal(tile_int4(q), torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        assert torch.equal(untile_int4(tile_int4(q)).int(), q)
+    w = torch.randn(160, 256) * 0.02
+    for mode in ("int8", "int4"):
+        loaded = QuantLinear.from_float(w, mode, torch.bfloat16, "cpu")
+        q, s = (quantize_int8 if mode == "int8" else lambda w, d: quantize_int4(w, 128, d))(w, torch.bfloat16)
+        stored = QuantLinear.from_stored(q if mode == "int8" else tile_int4(q), s, mode, "cpu", torch.bfloat16)
+        assert (stored.kernel, stored.group) == (loaded.kernel, loaded.group)
+        assert torch.equal(stored.weight, loaded.weight) and torch.equal(stored.scales, loaded.scales)
+    with pytest.raises(ValueError, match="out_features 40 is not a multiple of 16"):
+        tile_int4(torch.zeros(40, 64, dtype=torch.int32))

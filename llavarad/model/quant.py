@@ -9,11 +9,15 @@ take `scales_and_zeros` whatever we choose): the 16 levels then span each group'
 worst rounding error is (max - min) / 30, against max|w| / 14 for symmetric levels, at no extra cost.
 
 Kernels: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (CPU) or
-`torch._weight_int4pack_mm` (CUDA, bf16). A stored (exported) int4 weight is in the "tiles64" layout
-(`tile_int4`), which is the CPU kernel's own on an AVX512 CPU: such a CPU uses the stored bytes as
-they are (memory-mapped, no copy); another CPU or a GPU repacks them at load. Where this torch has no kernel for the device, dtype or
-shape, the layer keeps the plain packing (int8, or two int4 per byte) and dequantizes at every call
-before an ordinary matmul: correct everywhere, but slower, and it says so once on stderr.
+`torch._weight_int4pack_mm` (CUDA, bf16), for few rows (decoding). From DENSE_ROWS rows up (a
+prefill) a CPU layer is dequantized into the activation dtype for that one call and multiplied by
+the dense matmul, which is many times faster there. Where this torch has no kernel for the device,
+dtype or shape, the layer keeps the plain packing (int8, or two int4 per byte) and dequantizes at
+every call before an ordinary matmul: correct everywhere, but slower, and it says so once on stderr.
+
+A stored (exported) int4 weight is in the "tiles64" layout (`tile_int4`), which is the CPU kernel's
+own on an AVX512 CPU: such a CPU uses the stored bytes as they are (memory-mapped, no copy);
+another CPU or a GPU repacks them at load.
 
 The activations and scales are in the model's dtype (`--dtype`). The backward (QLoRA) gives the
 input its gradient through the dequantized weight and the frozen weight none.
@@ -33,6 +37,10 @@ MODES = ("int8", "int4")
 # in the model dtype (BENCHMARKS.md measures what quantizing lm_head would give).
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP_SIZE = 128
+# From this many rows (a prefill) a CPU layer is dequantized into the activation dtype, one layer at
+# a time, and multiplied by the dense matmul: the packed kernels are fast for a few rows only
+# (BENCHMARKS.md measures the crossing).
+DENSE_ROWS = 32
 CUDA_INNER_K_TILES = 8  # the tile width gpt-fast and torchao use for the CUDA int4 kernel
 _said: set[str] = set()
 
@@ -126,6 +134,22 @@ def untile_int4(t: Tensor) -> Tensor:
                       torch.stack([tail & 15, tail >> 4], 1).reshape(N - full, K)])
 
 
+def dequantize_tiles(t: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype) -> Tensor:
+    """tiles64 (N, K/2) + scales_and_zeros (K/group, N, 2) -> W (N, K) in `dtype`, equal to
+    dequantize_int4(untile_int4(t), ...).to(dtype). Built as W^T (K, N) and returned transposed: a
+    tile's 64 rows are contiguous along N, and so are the scales, so each step streams."""
+    N, K = t.shape[0], t.shape[1] * 2
+    if N % TILE:
+        return dequantize_int4(untile_int4(t), scales_and_zeros).to(dtype)
+    b = t.view(N // TILE, K, TILE // 2)
+    w = torch.empty(K, N)  # float32: one rounding, at the end, as the reference
+    w.view(K, N // TILE, TILE).copy_(torch.cat([b & 15, b >> 4], -1).transpose(0, 1))  # codes
+    s, z = scales_and_zeros.float().unbind(-1)  # (G, N) each
+    G = s.shape[0]
+    w.view(G, K // G, N).sub_(8).mul_(s[:, None]).add_(z[:, None])
+    return w.to(dtype).t()
+
+
 def _cpu_reads_tiles() -> bool:
     """Whether this CPU's int4 kernel takes the tiles64 layout (AVX512 builds do; AVX2 ones tile by 32)."""
     if not hasattr(_cpu_reads_tiles, "answer"):
@@ -216,7 +240,7 @@ class QuantLinear(nn.Module):
         if self.kernel is None:
             q = unpack_nibbles(self.weight)
         elif self.kernel == "int4_cpu" and _cpu_reads_tiles():
-            q = untile_int4(self.weight)
+            return dequantize_tiles(self.weight, self.scales, dtype)
         else:
             raise NotImplementedError("int4 weights packed for the CUDA kernel have no gradient path; "
                                       "quantize with trainable_input=True for training")
@@ -224,6 +248,8 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (M, K) in the activation dtype -> (M, N)."""
+        if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.kernel == "int4_cpu" and _cpu_reads_tiles()):
+            return F.linear(x, self.dequantized())  # the weight in `dtype` only for this call
         if self.kernel == "int8":
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
         if self.kernel == "int4_cpu":
