@@ -11,9 +11,11 @@ process, one after the other (the bf16 rows hold 13.5 GB), and reports:
   - peak memory while loading: the process's peak resident set (VmHWM, which also counts the pages
     of the memory-mapped safetensors shard being read: page cache the kernel can drop) and its peak
     anonymous memory (RssAnon, sampled every 10 ms: what the process really holds);
-  - load time: reading, merging nothing (no adapter), quantizing, assigning;
-  - prefill seconds for one prompt of --prompt tokens (random input embeddings), the first token included;
-  - decode tokens/s at batch 1: --new greedy steps over the KV cache after the prefill, 1 / the median step;
+  - load time: reading, merging nothing (no adapter), quantizing, assigning; for an export, mapping it;
+  - export rows: the tower + projector's seconds for one 518 px image;
+  - for each --prompt length: prefill seconds for one prompt of that many tokens (random input
+    embeddings; llama.cpp: random token ids), the first token included, and decode tokens/s at batch
+    1 after it: --new greedy steps over the KV cache, 1 / the median step;
 both after an untimed 8-token prefill and 2 steps (first touches of the memory-mapped weights).
 Then one block's 7 matrices, and lm_head, alone in bf16, int8 and int4, the formats taking turns
 (kernel_rows): bytes and time per token, ratios that a shared machine's load does not skew.
@@ -33,14 +35,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 
+from llavarad.demo import TINY_TOWER, tokenizer_model, write_tower, xray_like
+from llavarad.infer.export import export, load_export
 from llavarad.infer.generate import decode_step, prefill
-from llavarad.model.config import LlamaConfig
+from llavarad.infer.images import preprocess
+from llavarad.model.config import LlamaConfig, LoRAConfig
+from llavarad.model.llava import Projector
 from llavarad.model.quant import QuantLinear
+from llavarad.model.vision import VisionConfig
 from llavarad.model.weights import load_llm
+from llavarad.train.release import save_lora_release
 
-ROWS = {"bf16": None, "int8": "int8", "int4": "int4", "transformers bf16": None}
+ROWS = {"bf16": None, "int8": "int8", "int4": "int4", "transformers bf16": None,
+        "export bf16": None, "export int8": "int8", "export int4": "int4", "llama.cpp Q8_0": "Q8_0", "llama.cpp Q4_0": "Q4_0"}
+DEFAULT_ROWS = ["bf16", "int8", "int4", "transformers bf16"]
+BENCH_LORA = LoRAConfig(r=16, alpha=32.0)
 TINY = LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=256)
 SHARD_BYTES = 2 * 10**9
 
@@ -96,7 +108,60 @@ def write_random_base(folder: Path, cfg: LlamaConfig) -> None:
     if shard:
         flush()
     (folder / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    write_tokenizer(folder / "tokenizer.model", cfg.vocab_size)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+
+
+def write_tokenizer(path: Path, pieces: int) -> None:
+    """The demo's SentencePiece model (Llama's settings) padded with never-used pieces to `pieces`, the
+    vocabulary of the random decoder: our tokenizer and llama.cpp's converter both read it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(tokenizer_model())
+    for i in range(len(model.pieces), pieces):
+        model.pieces.add(piece=f"\u2581unused{i}", score=-1e4 - i)
+    path.write_bytes(model.SerializeToString())
+
+
+def write_random_release(base: Path, tiny: bool) -> Path:
+    """base/release: a random tower (the release's shape; tiny: the demo's), projector and LoRA adapter,
+    saved by the training code's writer; kept for later runs."""
+    folder = base / "release"
+    if (folder / "config.json").is_file():
+        return folder
+    cfg = LlamaConfig.from_hf(base / "config.json")
+    tower = write_tower(folder, cfg=TINY_TOWER if tiny else VisionConfig())
+    g = torch.Generator().manual_seed(3)
+    projector = {k: v.detach() for k, v in Projector(tower.cfg.width, cfg.dim).state_dict().items()}
+    kv = cfg.n_kv_heads * cfg.head_dim
+    shapes = {"attn.q_proj": (cfg.dim, cfg.dim), "attn.k_proj": (kv, cfg.dim), "attn.v_proj": (kv, cfg.dim),
+              "attn.o_proj": (cfg.dim, cfg.dim), "mlp.gate_proj": (cfg.hidden_dim, cfg.dim),
+              "mlp.up_proj": (cfg.hidden_dim, cfg.dim), "mlp.down_proj": (cfg.dim, cfg.hidden_dim)}
+    adapter = {}
+    for i in range(cfg.n_layers):
+        for module, (n, k) in shapes.items():
+            adapter[f"layers.{i}.{module}.lora_A"] = torch.randn(BENCH_LORA.r, k, generator=g) * 0.01
+            adapter[f"layers.{i}.{module}.lora_B"] = torch.randn(n, BENCH_LORA.r, generator=g) * 0.01
+    save_lora_release(folder, projector, adapter, BENCH_LORA, base, "lmsys/vicuna-7b-v1.5", folder)
+    return folder
+
+
+def export_folder(base: Path, mode: str | None) -> Path:
+    return base / f"export-{mode or 'bf16'}"
+
+
+def make_export(base: Path, mode: str | None, tiny: bool) -> dict:
+    """python -m llavarad.export of the random release, timed, with its peak memory; nothing when it exists."""
+    out = export_folder(base, mode)
+    if (out / "manifest.json").is_file():
+        return {}
+    release = write_random_release(base, tiny)
+    memory, t0 = PeakMemory(), time.perf_counter()
+    export(str(release), str(base), out, torch.bfloat16, mode)
+    peak_rss, peak_anon = memory.stop()
+    return {"export": mode or "bf16", "export_s": time.perf_counter() - t0, "peak_rss_bytes": peak_rss,
+            "peak_anon_bytes": peak_anon, "load_avg": os.getloadavg()[0]}
 
 
 class PeakMemory:
@@ -124,27 +189,40 @@ def status_bytes(field: str) -> int:
     return int(m.group(1)) * 1024
 
 
-def run_row(row: str, folder: Path, prompt: int, new: int) -> dict:
-    """Load one decoder and time it; see the module docstring."""
+def run_row(row: str, folder: Path, prompts: list[int], new: int) -> list[dict]:
+    """Load one decoder and time it at each prompt length; see the module docstring."""
     memory, t0 = PeakMemory(), time.perf_counter()
+    tower_s = None
     if row.startswith("transformers"):
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    elif row.startswith("export"):
+        llava, _ = load_export(export_folder(folder, ROWS[row]), "cpu")
+        model = llava.llm
     else:
         model = load_llm(folder, torch.bfloat16, "cpu", quantize=ROWS[row])
     load_s = time.perf_counter() - t0
     peak_rss, peak_anon = memory.stop()
     decoder_bytes = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     dim = model.config.hidden_size if row.startswith("transformers") else model.cfg.dim
-    embeds = (torch.randn(1, prompt, dim, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    embeds = (torch.randn(1, max(prompts), dim, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    results = []
     with torch.no_grad():
+        if row.startswith("export"):
+            pixels = preprocess(Image.fromarray((xray_like(0) * 255).astype("uint8")), llava.tower.cfg.image_size)
+            t0 = time.perf_counter()
+            llava.encode_images(pixels[None])  # (1, N, dim)
+            tower_s = time.perf_counter() - t0
         generate(model, row, embeds[:, :8], 2)  # untimed: first touches of the memory-mapped weights, thread pools
-        load_avg = os.getloadavg()[0]
-        prefill_s, step_s, tokens = generate(model, row, embeds, new)
-    return {"row": row, "decoder_bytes": decoder_bytes, "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon,
-            "load_s": load_s, "prompt": prompt, "prefill_s": prefill_s, "new": new,
-            "decode_tok_s": 1 / statistics.median(step_s), "load_avg": [load_avg, os.getloadavg()[0]], "tokens": tokens}
+        for prompt in prompts:
+            load_avg = os.getloadavg()[0]
+            prefill_s, step_s, tokens = generate(model, row, embeds[:, :prompt], new)
+            results.append({"row": row, "decoder_bytes": decoder_bytes, "peak_rss_bytes": peak_rss, "peak_anon_bytes": peak_anon,
+                            "load_s": load_s, "tower_s": tower_s, "prompt": prompt, "prefill_s": prefill_s, "new": new,
+                            "decode_tok_s": 1 / statistics.median(step_s), "load_avg": [load_avg, os.getloadavg()[0]],
+                            "tokens": tokens})
+    return results
 
 
 def generate(model, row: str, embeds: torch.Tensor, new: int) -> tuple[float, list[float], list[int]]:
@@ -199,55 +277,117 @@ def kernel_rows(cfg: LlamaConfig, repeats: int = 15) -> list[dict]:
     return rows
 
 
+def prefill_kernel_rows(cfg: LlamaConfig, prompts: list[int], repeats: int = 3) -> list[dict]:
+    """One block's 7 weight matrices at each prompt length: bf16's matmul, the int8 / int4 packed
+    kernels, and the int8 / int4 layers as they run (from DENSE_ROWS rows: dequantized, then the
+    dense matmul), taking turns; the median seconds. x 32 blocks ~ a prefill's linear layers."""
+    g, kv = torch.Generator().manual_seed(2), cfg.n_kv_heads * cfg.head_dim
+    shapes = [(cfg.dim, cfg.dim), (kv, cfg.dim), (kv, cfg.dim), (cfg.dim, cfg.dim),
+              (cfg.hidden_dim, cfg.dim), (cfg.hidden_dim, cfg.dim), (cfg.dim, cfg.hidden_dim)]
+    ws = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in shapes]
+    q = {m: [QuantLinear.from_float(w, m, torch.bfloat16, "cpu") for w in ws] for m in ("int8", "int4")}
+    fns = {"bf16": [lambda x, w=w: F.linear(x, w) for w in ws],
+           "int8 packed kernel": [lambda x, l=l: torch._weight_int8pack_mm(x, l.weight, l.scales) for l in q["int8"]],
+           "int4 packed kernel": [lambda x, l=l: torch._weight_int4pack_mm_for_cpu(x, l.weight, l.group, l.scales) for l in q["int4"]],
+           "int8": [l.matmul for l in q["int8"]], "int4": [l.matmul for l in q["int4"]]}
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            times = {m: [] for m in fns}
+            for _ in range(repeats):
+                for mode, layer_fns in fns.items():
+                    xs = [torch.randn(prompt, w.shape[1], generator=g).to(torch.bfloat16) for w in ws]
+                    t0 = time.perf_counter()
+                    for fn, x in zip(layer_fns, xs):
+                        fn(x)
+                    times[mode].append(time.perf_counter() - t0)
+            rows += [{"prompt": prompt, "mode": m, "s": statistics.median(t), "load_avg": os.getloadavg()[0]} for m, t in times.items()]
+    return rows
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| row | decoder GB | peak RSS GB (anon) while loading | load s | prefill s | decode tok/s | x bf16 | tokens = bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
-    ref = next((r for r in results if r["row"] == "bf16"), results[0])
+    lines = ["| row | decoder GB | peak RSS GB (anon) while loading | load s | tower s | prompt | prefill s | decode tok/s | "
+             "x bf16 | tokens = bf16 | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        # the export rows run the release (LoRA merged): their tokens are compared with "export bf16"'s
+        ref = next((b for b in results if b["row"] == ("export bf16" if r["row"].startswith("export") else "bf16")
+                    and b["prompt"] == r["prompt"]), None) or next((b for b in results if b["prompt"] == r["prompt"]), r)
         same = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref["tokens"])) if a != b), len(r["tokens"]))
+        same = "" if r["row"].startswith("llama.cpp") else f"first {same} of {len(r['tokens'])}"  # token ids, not embeddings
+        tower = "" if r.get("tower_s") is None else f"{r['tower_s']:.1f}"
         lines.append(f"| {r['row']} | {r['decoder_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} ({r['peak_anon_bytes'] / 1e9:.2f}) | "
-                     f"{r['load_s']:.1f} | {r['prefill_s']:.1f} ({r['prompt']} tokens) | {r['decode_tok_s']:.2f} | "
-                     f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f} | first {same} of {len(r['tokens'])} |")
+                     f"{r['load_s']:.1f} | {tower} | {r['prompt']} | {r['prefill_s']:.1f} | {r['decode_tok_s']:.2f} | "
+                     f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f} | {same} | "
+                     f"{r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f} |")
     return "\n".join(lines)
+
+
+def one_row(row: str, args: argparse.Namespace) -> list[dict]:
+    """A row in its own process (in this one with --tiny): ours, or llama.cpp under --llama-python."""
+    folder = Path(args.dir)
+    if row.startswith("llama.cpp"):
+        here = Path(__file__).parent / "llamacpp.py"
+        gguf = subprocess.run([args.llama_python, str(here), "make", "--base", str(folder), "--src", str(args.llama_src),
+                               "--type", ROWS[row], "--converter-python", sys.executable], check=True,
+                              capture_output=True, text=True).stdout.split()[-1]
+        cmd = [args.llama_python, str(here), "time", "--gguf", gguf, "--prompt", args.prompt, "--new", str(args.new)]
+    elif args.tiny:
+        return run_row(row, folder, [int(n) for n in args.prompt.split(",")], args.new)
+    else:
+        cmd = [sys.executable, __file__, "--dir", str(folder), "--prompt", args.prompt, "--new", str(args.new), "--one-row", row]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{row}: FAILED\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True, help="folder of the random checkpoint (written on the first run)")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
-    p.add_argument("--prompt", type=int, default=1449, help="prefill length (1449: LLaVA-Rad's prompt)")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated, from: " + ", ".join(ROWS))
+    p.add_argument("--prompt", default="1449", help="prefill lengths, comma-separated (1449: LLaVA-Rad's prompt)")
     p.add_argument("--new", type=int, default=16, help="decode steps timed")
+    p.add_argument("--rounds", type=int, default=1, help="the rows take turns this many times")
     p.add_argument("--tiny", action="store_true", help="a 2-layer decoder, rows in this process")
     p.add_argument("--json", help="write the rows to this file")
-    p.add_argument("--kernels-only", action="store_true", help="only the per-block and lm_head rows")
+    p.add_argument("--kernels", default="decode", help="per-block rows: decode (batch 1), prefill (at --prompt), both, none")
+    p.add_argument("--llama-python", default=sys.executable, help="a Python with llama_cpp, for the llama.cpp rows")
+    p.add_argument("--llama-src", help="llama.cpp source tree (the llama-cpp-python sdist's vendor/llama.cpp), for the converter")
     p.add_argument("--one-row", help=argparse.SUPPRESS)  # the child process of one row
     args = p.parse_args(argv)
-    folder = Path(args.dir)
+    folder, prompts = Path(args.dir), [int(n) for n in args.prompt.split(",")]
     if args.one_row:
-        print(json.dumps(run_row(args.one_row, folder, args.prompt, args.new)))
+        print(json.dumps(run_row(args.one_row, folder, prompts, args.new)))
         return 0
-    rows = [] if args.kernels_only else args.rows.split(",")
+    rows = args.rows.split(",") if args.rows else []
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown rows {unknown}")
-    write_random_base(folder, TINY if args.tiny else LlamaConfig())
+    if any(r.startswith("llama.cpp") for r in rows) and not args.llama_src:
+        p.error("the llama.cpp rows need --llama-src")
+    cfg = TINY if args.tiny else LlamaConfig()
+    write_random_base(folder, cfg)
+    exports = [make_export(folder, ROWS[r], args.tiny) for r in dict.fromkeys(rows) if r.startswith("export")]
+    for e in filter(None, exports):
+        print(json.dumps(e), file=sys.stderr, flush=True)
     results = []
-    for row in rows:
-        if args.tiny:
-            results.append(run_row(row, folder, args.prompt, args.new))
-        else:
-            cmd = [sys.executable, __file__, "--dir", str(folder), "--prompt", str(args.prompt), "--new", str(args.new), "--one-row", row]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                print(f"{row}: FAILED\n{done.stderr[-2000:]}", file=sys.stderr)
+    for _ in range(args.rounds):
+        for row in rows:
+            try:
+                results += one_row(row, args)
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
                 continue
-            results.append(json.loads(done.stdout.splitlines()[-1]))
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), file=sys.stderr, flush=True)
+            for r in results[-len(prompts):]:
+                print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), file=sys.stderr, flush=True)
     if results:
         print(table(results))
-    kernels = kernel_rows(TINY if args.tiny else LlamaConfig())
+    kernels = kernel_rows(cfg) if args.kernels in ("decode", "both") else []
     print("\n".join(f"{r['part']} {r['mode']}: {r['bytes'] / 1e6:.1f} MB, {r['ms']:.2f} ms per token" for r in kernels))
+    prefill_kernels = prefill_kernel_rows(cfg, prompts) if args.kernels in ("prefill", "both") else []
+    print("\n".join(f"one block, {r['prompt']} rows, {r['mode']}: {r['s'] * 1e3:.0f} ms (load {r['load_avg']:.1f})" for r in prefill_kernels))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": results, "kernels": kernels}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": results, "exports": [e for e in exports if e], "kernels": kernels,
+                                               "prefill_kernels": prefill_kernels}, indent=1))
     return 0
 
 

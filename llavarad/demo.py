@@ -111,12 +111,11 @@ def write_base(folder: Path, seed: int = 0) -> Llama:
     return llm
 
 
-def write_tower(folder: Path, seed: int = 0) -> VisionTower:
+def write_tower(folder: Path, seed: int = 0, cfg: VisionConfig = TINY_TOWER) -> VisionTower:
     """A random ViT in the layout of the release's tower: an open_clip model json and an open_clip
     training checkpoint {"state_dict": {"module.visual.trunk.<timm key>": tensor}} with every block
     and the final norm, as the real one (the loader skips the last block and the norm)."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = TINY_TOWER
     torch.manual_seed(seed)
     tower = VisionTower(cfg, select_layer=cfg.depth)  # all blocks
     with torch.no_grad():
