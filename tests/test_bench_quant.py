@@ -27,3 +27,19 @@ def test_quant_bench_tiny_rows_and_their_sizes(tmp_path, capsys):
     assert kernels["block", "int4"] == 327_680 // 4 + 327_680 // 128 * 2  # one of the 2 layers
     assert kernels["lm_head", "int8"] == 512 * 128 + 512 * 2
     assert "| int4 |" in capsys.readouterr().out
+
+
+def test_quant_bench_tiny_export_rows(tmp_path):
+    """The export rows: a random release exported per mode, loaded from the export, timed at each prompt
+    length; the int4 export's layers are the tiles64 ones and the one-block prefill rows cover every mode."""
+    bench = load_bench("quant_bench")
+    argv = ["--tiny", "--dir", str(tmp_path / "w"), "--rows", "export bf16,export int4", "--prompt", "16,40", "--new", "3",
+            "--kernels", "prefill", "--json", str(tmp_path / "q.json")]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert [(r["row"], r["prompt"]) for r in result["rows"]] == [(r, p) for r in ("export bf16", "export int4") for p in (16, 40)]
+    assert all(r["tower_s"] > 0 and len(r["tokens"]) == 4 for r in result["rows"])
+    assert sorted(e["export"] for e in result["exports"]) == ["bf16", "int4"]
+    assert (tmp_path / "w" / "export-int4" / "manifest.json").is_file()
+    modes = {(r["prompt"], r["mode"]) for r in result["prefill_kernels"]}
+    assert modes == {(p, m) for p in (16, 40) for m in ("bf16", "int8 packed kernel", "int4 packed kernel", "int8", "int4")}
