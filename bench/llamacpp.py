@@ -9,7 +9,7 @@ neither torch nor llavarad.
 `make` converts the base folder (config.json, safetensors, tokenizer.model) to a bf16 GGUF with
 SRC/convert_hf_to_gguf.py (SRC: the vendored llama.cpp tree of the llama-cpp-python source
 distribution, with its gguf-py), then quantizes it with llama_model_quantize (Q8_0, Q4_0: llama.cpp's
-defaults, so Q4_0 keeps the output layer in Q6_K) and deletes the bf16 file. `time` prints one JSON
+defaults, so Q4_0 keeps the output layer in Q6_K) and, once both exist, deletes the bf16 file. `time` prints one JSON
 line per prompt length, in quant_bench's row format.
 """
 
@@ -42,6 +42,8 @@ def make(base: Path, src: Path, kind: str, converter_python: str) -> Path:
     params.nthread = 2
     if llama_cpp.llama_model_quantize(str(bf16).encode(), str(out).encode(), params) != 0:
         raise RuntimeError(f"{out}: llama_model_quantize failed")
+    if all((out.parent / f"{k}.gguf").is_file() for k in FTYPES):
+        bf16.unlink()  # 13.5 GB at 7B
     return out
 
 

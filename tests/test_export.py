@@ -28,6 +28,16 @@ def tiny(tmp_path_factory):
     return shared_tiny_release(tmp_path_factory), images, tmp
 
 
+def mapped_from(t: torch.Tensor, folder: Path) -> bool:
+    """Whether the tensor's memory is a mapping of a file in `folder` (/proc/self/maps), not a copy."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        lo, hi = (int(a, 16) for a in span.split("-"))
+        if lo <= t.data_ptr() < hi:
+            return name.startswith(str(folder))
+    return False
+
+
 def findings(capsys, model: list[str], image: str, reason: str | None, *extra: str) -> str:
     args = [image, "--max-new-tokens", "8", "--model", *model, *(["--reason", reason] if reason else []), *extra]
     assert infer.main(args) == 0
@@ -66,6 +76,8 @@ def test_quantized_export_equals_quantizing_at_load(tiny, tmp_path, capsys, mode
             assert torch.equal(layers[name].scales, m.scales)
     for (name, a), b in zip(on_the_fly.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(a, b), name
+    for m in layers.values():  # the packed weights are the export's pages: no copy, aligned for the int8 kernel
+        assert mapped_from(m.weight, out) and m.weight.data_ptr() % 64 == 0
     expected = findings(capsys, [str(release.release), "--base", str(release.base), "--quantize", mode], images[1], "Cough.")
     assert findings(capsys, [str(out)], images[1], "Cough.") == expected
     assert findings(capsys, [str(out)], images[1], "Cough.", "--quantize", mode) == expected

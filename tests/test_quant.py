@@ -157,3 +157,16 @@ def test_tiles64_is_the_cpu_kernels_layout_and_stored_layers_equal_quantized_one
         assert torch.equal(stored.weight, loaded.weight) and torch.equal(stored.scales, loaded.scales)
     with pytest.raises(ValueError, match="out_features 40 is not a multiple of 16"):
         tile_int4(torch.zeros(40, 64, dtype=torch.int32))
+
+
+def test_a_stored_int8_weight_that_is_not_aligned_is_copied():
+    """torch's CPU int8 kernel crashes on a weight that is not 16-byte aligned (from 2 rows up):
+    from_stored copies such a weight (an export aligns its tensors, so it has none)."""
+    q, s = quantize_int8(torch.randn(64, 256) * 0.02, torch.bfloat16)
+    buf = torch.empty(q.numel() + 64, dtype=torch.int8)
+    shifted = buf[8 : 8 + q.numel()].view(64, 256)
+    shifted.copy_(q)
+    layer = QuantLinear.from_stored(shifted, s, "int8", "cpu", torch.bfloat16)
+    assert layer.weight.data_ptr() % 64 == 0 and torch.equal(layer.weight, q)
+    x = torch.randn(8, 256).to(torch.bfloat16)
+    torch.testing.assert_close(layer.matmul(x), torch._weight_int8pack_mm(x, q, s))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import Tensor
 
 from llavarad.errors import first_line
@@ -38,6 +38,7 @@ from llavarad.model.weights import (load_adapter, load_projector, load_tower, lo
 
 FORMAT, VERSION, MANIFEST = "llavarad-export", 1, "manifest.json"
 SHARD_BYTES = 2 * 10**9
+ALIGN = 64  # bytes: torch's int8 kernel reads a weight that is not 16-byte aligned wrongly (it crashes)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the manifest's dtype: a torch attribute
 
 
@@ -121,8 +122,24 @@ def _quantized(w: Tensor, mode: str, dtype: torch.dtype) -> tuple[Tensor, Tensor
 
 def _save_shard(folder: Path, shard: dict[str, Tensor], n: int) -> str:
     name = f"decoder-{n:05d}.safetensors"
-    save_file(shard, folder / name)
+    _save_aligned(shard, folder / name)
     return name
+
+
+def _save_aligned(tensors: dict[str, Tensor], path: Path) -> None:
+    """save_file, with the data starting at a multiple of ALIGN bytes in the file (a metadata string
+    pads the header): then every tensor whose predecessors' sizes are multiples of ALIGN (all of them
+    at the 7B shape) is aligned when memory-mapped, as the int8 kernel needs, and loads without a copy."""
+    pad = 0
+    for _ in range(2):
+        data = save(tensors, metadata={"pad": " " * pad})
+        header = int.from_bytes(data[:8], "little")  # safetensors pads the JSON with spaces to a multiple of 8
+        if (8 + header) % ALIGN == 0:
+            path.write_bytes(data)
+            return
+        raw = len(data[8 : 8 + header].rstrip(b" "))
+        pad += next(k for k in range(ALIGN) if (8 + -(-(raw + k) // 8) * 8) % ALIGN == 0)
+    raise AssertionError(f"{path}: could not align the data to {ALIGN} bytes")
 
 
 def _cast(sd: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:

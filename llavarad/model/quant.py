@@ -205,7 +205,10 @@ class QuantLinear(nn.Module):
         N, K = weight.shape[0], weight.shape[1] * (2 if mode == "int4" else 1)
         device, scales = torch.device(device), scales.to(device=device, dtype=dtype)
         if mode == "int8":
-            return cls._checked(weight.to(device), scales, mode, K, N, 0, "int8")
+            weight = weight.to(device)
+            if weight.data_ptr() % 64:  # the CPU int8 kernel crashes on a weight that is not 16-byte aligned
+                weight = weight.clone()  # (an export aligns its tensors: see export._save_aligned)
+            return cls._checked(weight, scales, mode, K, N, 0, "int8")
         group = K // scales.shape[0]
         if device.type == "cpu" and _cpu_reads_tiles():
             return cls._checked(weight, scales, mode, K, N, group, "int4_cpu")
