@@ -1,4 +1,6 @@
-"""The FastAPI application: OpenAI chat completions (plain and SSE), models, health, metrics, the
+"""The FastAPI application: the routes and what every request passes before one. A chat completion
+is read, validated and prepared here (image -> pixels, reason -> ids, the cache-row check), then
+handed to a Completion, which owns it from submit to outcome. Also: models, health, metrics, the
 DICOM preview, per-sentence explanations (run on the decode loop's thread) and the reading-room page.
 
 Security: with an API key, everything but /health and the page's own static files answers 401
@@ -12,7 +14,6 @@ import asyncio
 import hmac
 import io
 import json
-import queue
 import secrets
 import sys
 import time
@@ -29,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import Tensor
 
 from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
-from llavarad.infer.generate import Sampling, Token
+from llavarad.infer.generate import Sampling
 from llavarad.infer.images import preprocess, read_image
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
@@ -120,10 +121,8 @@ class Server:
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
             if request.url.path == "/v1/chat/completions":
-                outcome = "rejected" if e.status in (429, 503) else "client_error" if e.status < 500 else "server_error"
-                self.metrics.requests.labels(outcome).inc()
-            headers = {"Retry-After": "1"} if e.status == 429 else None
-            return JSONResponse(e.body(), e.status, headers=headers)
+                self.metrics.requests.labels(e.outcome).inc()
+            return e.response()
 
         @app.exception_handler(HTTPException)
         async def http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -188,17 +187,11 @@ class Server:
         if not self.config.explain:
             raise APIError(400, f"explaining a report {NEEDS_GRADIENTS}: this server runs with --quantize int4 "
                                 "(restart it with --quantize int8, or without --quantize)", "explain_unavailable")
-        if not self.scheduler.alive():
-            raise APIError(503, "the model is not ready", "model_not_ready")
+        self.scheduler.check()
         req = parse_explain(await self._json_body(request), self.config.max_image_bytes)
         tokens = await self._off_loop(self._explain_tokens, req)
         image = await self._off_loop(read_image, req.image, "image_url", self.config.max_pixels)
-        try:
-            future = self.scheduler.call(lambda: explain(self.scheduler.model, self.tokenizer, image, req.reason, req.findings))
-        except queue.Full:
-            raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
-        except RuntimeError:
-            raise APIError(503, "the server is shutting down", "shutting_down") from None
+        future = self.scheduler.call(lambda: explain(self.scheduler.model, self.tokenizer, image, req.reason, req.findings))
         try:
             expl: Explanation = await asyncio.wrap_future(future)
         except ValueError as e:  # the findings cannot be teacher-forced after this prompt
@@ -221,8 +214,7 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
-        if not self.scheduler.alive():
-            raise APIError(503, "the model is not ready", "model_not_ready")
+        self.scheduler.check()
         chat = parse_chat(await self._json_body(request), self.limits)
         ids, pixels = await self._off_loop(self._prepare, chat)
         prompt_tokens = len(ids) - 1 + self.n_patches
@@ -230,28 +222,6 @@ class Server:
             raise APIError(400, f"the prompt takes {prompt_tokens} tokens ({self.n_patches} for the image); with max_tokens "
                                 f"{chat.max_tokens} it does not fit the {self.config.max_len} positions of a cache row: "
                                 "shorten the reason for exam or lower max_tokens", "context_length_exceeded", "messages")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def deliver(item: Token | BaseException) -> None:  # called from the decode loop's thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: nobody is waiting any more
-                pass
-
         seed = chat.seed if chat.seed is not None else secrets.randbits(63)
-        job = Job(ids, pixels, chat.max_tokens, Sampling(chat.temperature, chat.top_p, seed), deliver, arrival)
-        try:
-            self.scheduler.submit(job)
-        except queue.Full:
-            raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
-        except RuntimeError:
-            raise APIError(503, "the server is shutting down", "shutting_down") from None
-        print(f"request {job.key}: image {len(chat.image)} B, prompt {prompt_tokens} tokens, max_tokens {chat.max_tokens}, "
-              f"{'stream' if chat.stream else 'whole'}", file=sys.stderr)
-        return Completion(job, events, chat, prompt_tokens, self.tokenizer, self.config.served_name, self.scheduler, self.finished)
-
-    def finished(self, c: Completion) -> None:
-        self.metrics.requests.labels(c.outcome).inc()
-        first = f"{c.job.first_token - c.job.arrival:.3f}s" if c.job.first_token else "-"
-        print(f"request {c.job.key}: {c.outcome}, {c.completion_tokens} tokens, first token {first}, "
-              f"total {time.monotonic() - c.job.arrival:.3f}s", file=sys.stderr)
+        job = Job(ids, pixels, chat.max_tokens, Sampling(chat.temperature, chat.top_p, seed), arrival)
+        return Completion(chat, job, prompt_tokens, self.tokenizer, self.metrics).submit(self.scheduler)

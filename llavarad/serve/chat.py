@@ -22,6 +22,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class ChatRequest:
+    model: str  # the served name, which the answer repeats
     image: bytes  # PNG, JPEG or DICOM bytes, not yet decoded
     reason: str | None  # None: the no-reason prompt
     max_tokens: int
@@ -139,6 +140,7 @@ def parse_chat(body: object, limits: Limits) -> ChatRequest:
         if not -(2**63) <= seed < 2**63:
             raise _invalid("seed must fit in 64 bits", "seed")
     return ChatRequest(
+        model=model,
         image=decode_data_url(url, limits.max_image_bytes),
         reason=text if text and text.strip() else None,
         max_tokens=_max_tokens(body, limits.max_new_tokens),

@@ -1,6 +1,9 @@
-"""Errors in OpenAI's body, {"error": {"message", "type", "code"}}, with a status that says whose fault it was."""
+"""Errors in OpenAI's body, {"error": {"message", "type", "param", "code"}}, with a status that says whose
+fault it was, the outcome /metrics counts it under, and Retry-After when the queue is full."""
 
 from dataclasses import dataclass
+
+from starlette.responses import JSONResponse
 
 # status -> OpenAI's error type
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -17,3 +20,11 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
+
+    @property
+    def outcome(self) -> str:
+        """The label of /metrics' request counter."""
+        return "rejected" if self.status in (429, 503) else "client_error" if self.status < 500 else "server_error"
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), self.status, headers={"Retry-After": "1"} if self.status == 429 else None)
