@@ -5,6 +5,7 @@ Retry-After; a client that leaves mid-stream frees its row; SIGTERM lets the str
 and exits 0."""
 
 import base64
+import json
 import socket
 import struct
 import time
@@ -96,29 +97,41 @@ def bad_requests(image) -> dict[str, tuple[dict | bytes, int]]:
         "top_p over 1": ({**ok, "top_p": 1.5}, 400),
         "unknown model": ({**ok, "model": "gpt-4o"}, 404),
         "reason too long for a cache row": (chat_body(image, "Cough. " * 400), 400),
+        "deeply nested json": (b"[" * 100_000 + b"]" * 100_000, 400),
+        "temperature NaN": (json.dumps(ok).replace('"model"', '"temperature": NaN, "model"', 1).encode(), 400),
+        "top_p NaN": (json.dumps(ok).replace('"model"', '"top_p": NaN, "model"', 1).encode(), 400),
+        "lone surrogate in the reason": (json.dumps(chat_body(image, "Cough \ud800.")).encode(), 400),
     }
+
+
+def post(server, body: dict | bytes) -> httpx.Response:
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60, **kw)
 
 
 def test_bad_input_gets_an_openai_error_and_the_server_stays_healthy(server, image):
     for name, (body, status) in bad_requests(image).items():
-        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-        r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60, **kw)
+        r = post(server, body)
         assert r.status_code == status, (name, r.status_code, r.text)
         error = r.json()["error"]
         assert error["message"] and error["type"] and error["code"], name
         assert httpx.get(server.url + "/health").status_code == 200, name
     r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=chat_body(image, "Cough.", max_tokens=4), timeout=60)
     assert r.status_code == 200, r.text  # and it still answers
+    assert "Traceback" not in server.stderr()
 
 
 def test_messages_name_the_problem(server, image):
     cases = bad_requests(image)
-    message = lambda name: httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=cases[name][0], timeout=60).json()["error"]["message"]  # noqa: E731
+    message = lambda name: post(server, cases[name][0]).json()["error"]["message"]  # noqa: E731
     assert "never fetches a URL" in message("http url") and "never fetches a URL" in message("file url")
     assert "over the limit of 1000000 pixels" in message("decompression bomb")
     assert "cannot read image" in message("truncated png")
     assert f"limit of {LONG}" in message("max_tokens over the cap")
     assert "shorten the reason for exam" in message("reason too long for a cache row")
+    assert "nests too deeply" in message("deeply nested json")
+    assert "temperature must be a finite number" in message("temperature NaN")
+    assert "messages[0].content[1].text holds a lone surrogate" in message("lone surrogate in the reason")
 
 
 def test_body_over_the_limit_by_its_header_gets_413_at_once(server):

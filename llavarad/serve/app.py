@@ -179,6 +179,8 @@ class Server:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        except RecursionError:  # [[[[...]]]]: Python's parser recurses once per level
+            raise APIError(400, "the request body is not valid JSON: it nests too deeply", "invalid_json") from None
 
     async def explain(self, request: Request) -> JSONResponse:
         """Per-sentence overlays of a report (llavarad/explain/relevance.py), computed on the decode loop's thread between

@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 
 from llavarad.explain.relevance import METHOD, Explanation
-from llavarad.serve.chat import decode_data_url
+from llavarad.serve.chat import check_text, decode_data_url
 from llavarad.serve.errors import APIError
 
 
@@ -33,6 +33,8 @@ def parse_explain(body: object, max_image_bytes: int) -> ExplainRequest:
         raise APIError(400, "reason must be a string or null", "invalid_type", "reason")
     if not isinstance(findings, str) or not findings.strip():
         raise APIError(400, "findings must be a non-empty string: the report to explain", "invalid_value", "findings")
+    for name, text in (("reason", reason or ""), ("findings", findings)):
+        check_text(text, name, name)
     image_url = body.get("image_url")
     url = image_url.get("url") if isinstance(image_url, dict) else image_url  # as in chat: "..." or {"url": "..."}
     return ExplainRequest(decode_data_url(url, max_image_bytes), reason if reason and reason.strip() else None, findings)
