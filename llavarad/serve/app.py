@@ -3,15 +3,13 @@ is read, validated and prepared here (image -> pixels, reason -> ids, the cache-
 handed to a Completion, which owns it from submit to outcome. Also: models, health, metrics, the
 DICOM preview, per-sentence explanations (run on the decode loop's thread) and the reading-room page.
 
-Security: with an API key, everything but /health and the page's own static files answers 401
-without `Authorization: Bearer <key>` (compared in constant time). Bodies are read in chunks and
-refused with 413 as soon as they pass the limit. Images are decoded (under a pixel limit) and
+Security: the Host check, CORS and the API key are middleware (middleware.py). Bodies are read in
+chunks and refused with 413 as soon as they pass the limit. Images are decoded (under a pixel limit) and
 preprocessed in a small thread pool, never on the event loop. Logs carry ids, sizes and timings:
 never an image or a reason for exam.
 """
 
 import asyncio
-import hmac
 import io
 import json
 import secrets
@@ -23,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import Tensor
 
 from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
@@ -36,12 +34,12 @@ from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
 from llavarad.serve.errors import APIError
 from llavarad.serve.explanation import ExplainRequest, explanation_body, parse_explain
+from llavarad.serve.middleware import BearerAuth, HostCheck, Outcomes
 from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Job, Scheduler
 from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
 
 STATIC = Path(__file__).parent / "static"
-_OPEN_PATHS, _OPEN_PREFIX = ("/health", "/"), "/static/"  # the page loads without the key, then asks for it
 
 
 @dataclass(frozen=True)
@@ -54,31 +52,12 @@ class ServeConfig:
     max_len: int = 2048  # cache slots per row: image slots + prompt text + new tokens
     image_workers: int = 4
     explain: bool = True  # False under --quantize int4: its kernels give no gradient
+    allowed_hosts: tuple[str, ...] | None = None  # with a tuple: Host must be a loopback name or one of these
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (CORS); none: no CORS header
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_image_bytes * 4 // 3 + 64 * 1024  # base64 image + JSON around it
-
-
-class BearerAuth:
-    """Answers 401 to any request without the right `Authorization: Bearer <key>`, except the public paths."""
-
-    def __init__(self, app: ASGIApp, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._allowed(scope):
-            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-            response = JSONResponse(error.body(), 401, headers={"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    def _allowed(self, scope: Scope) -> bool:
-        if scope["path"] in _OPEN_PATHS or scope["path"].startswith(_OPEN_PREFIX):
-            return True
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -115,18 +94,22 @@ class Server:
             self.images.shutdown(cancel_futures=True)
 
         app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-        if self.config.api_key:
+        if self.config.api_key:  # each add_middleware wraps the ones before: the last is the outermost
             app.add_middleware(BearerAuth, key=self.config.api_key)
+        if self.config.cors_origins:
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.config.cors_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"])
+        if self.config.allowed_hosts is not None:
+            app.add_middleware(HostCheck, allowed=self.config.allowed_hosts)
+        app.add_middleware(Outcomes, metrics=self.metrics)
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
-            if request.url.path == "/v1/chat/completions":
-                self.metrics.requests.labels(e.outcome).inc()
             return e.response()
 
         @app.exception_handler(HTTPException)
         async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-            return JSONResponse(APIError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "invalid_request").body(), e.status_code)
+            return APIError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "invalid_request").response()
 
         app.post("/v1/chat/completions")(self.chat_completions)
         app.post("/v1/preview")(self.preview)
@@ -135,6 +118,7 @@ class Server:
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
         app.get("/")(lambda: FileResponse(STATIC / "index.html"))
+        app.get("/favicon.ico")(lambda: FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml"))
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
         return app
 
@@ -226,4 +210,4 @@ class Server:
                                 "shorten the reason for exam or lower max_tokens", "context_length_exceeded", "messages")
         seed = chat.seed if chat.seed is not None else secrets.randbits(63)
         job = Job(ids, pixels, chat.max_tokens, Sampling(chat.temperature, chat.top_p, seed), arrival)
-        return Completion(chat, job, prompt_tokens, self.tokenizer, self.metrics).submit(self.scheduler)
+        return Completion(chat, job, prompt_tokens, self.tokenizer).submit(self.scheduler)

@@ -1,8 +1,8 @@
 """One chat completion from submit to outcome: the job goes into the engine's queue, its tokens come
 back as text and leave as SSE chunks in OpenAI's format (ending with `data: [DONE]`) or as one JSON
 body, a client that goes away cancels the job (freeing its cache row at once), and the outcome is
-counted in /metrics and logged. What may enter: a validated ChatRequest and the Job made from it;
-nothing here calls back into the app."""
+logged and left in the request's scope["state"] for /metrics' count (middleware.Outcomes). What may
+enter: a validated ChatRequest and the Job made from it; nothing here calls back into the app."""
 
 import asyncio
 import json
@@ -16,8 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from llavarad.model.tokenizer import Tokenizer
 from llavarad.serve.chat import ChatRequest
-from llavarad.serve.errors import APIError
-from llavarad.serve.prometheus import Metrics
+from llavarad.serve.errors import APIError, outcome_of
 from llavarad.serve.scheduler import Cancelled, Job, Scheduler
 from llavarad.serve.stream import TextStream
 
@@ -29,9 +28,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class Completion(Response):
     """submit() puts the job in the queue; the ASGI call then runs it to its end as the response."""
 
-    def __init__(self, chat: ChatRequest, job: Job, prompt_tokens: int, tokenizer: Tokenizer, metrics: Metrics):
+    def __init__(self, chat: ChatRequest, job: Job, prompt_tokens: int, tokenizer: Tokenizer):
         super().__init__()
-        self.chat, self.job, self.prompt_tokens, self.metrics = chat, job, prompt_tokens, metrics
+        self.chat, self.job, self.prompt_tokens = chat, job, prompt_tokens
         self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         self.text = TextStream(tokenizer)
         self.outcome, self.completion_tokens = "cancelled", 0
@@ -55,15 +54,15 @@ class Completion(Response):
         finally:
             watcher.cancel()
             self.job.cancel()  # frees the row of a job that is still running; nothing for one that ended
-            self._record()
+            scope.setdefault("state", {})["outcome"] = self.outcome
+            self._log()
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self.job.cancel()
 
-    def _record(self) -> None:
-        self.metrics.requests.labels(self.outcome).inc()
+    def _log(self) -> None:
         job = self.job
         first = f"{job.first_token - job.arrival:.3f}s" if job.first_token else "-"
         print(f"request {job.key}: {self.outcome}, {self.completion_tokens} tokens, first token {first}, "
@@ -84,7 +83,7 @@ class Completion(Response):
     def _failed(self, e: Exception) -> APIError:
         """What ended the job (the model failed, the server stops) as the client's error."""
         error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error")
-        self.outcome = error.outcome
+        self.outcome = outcome_of(error.status)
         return error
 
     async def _whole(self, scope: Scope, send: Send) -> None:
