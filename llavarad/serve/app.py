@@ -180,6 +180,8 @@ class Server:
         future = self.scheduler.call(lambda: explain(self.scheduler.model, self.tokenizer, image, req.reason, req.findings))
         try:
             expl: Explanation = await asyncio.wrap_future(future)
+        except APIError:  # the server stops
+            raise
         except ValueError as e:  # the findings cannot be teacher-forced after this prompt
             raise APIError(400, str(e), "invalid_value", "findings") from None
         except Exception as e:  # the model failed

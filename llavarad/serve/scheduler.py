@@ -14,7 +14,8 @@ call(): it runs on the loop's thread between two decode steps, never alongside o
 comes back through a Future.
 
 New work is refused here, in one place (`check`), with the APIError the client gets: 429 when the
-queue is full, 503 when the loop is not running.
+queue is full, 503 when the loop is not running. stop(grace) drains: the jobs and calls still waiting
+get the 503 at once, the running jobs get `grace` seconds to finish and then the same 503.
 """
 
 import asyncio
@@ -38,6 +39,10 @@ from llavarad.serve.prometheus import Metrics
 
 class Cancelled(Exception):
     """The client went away: what Job.next raises once Job.cancel was called."""
+
+
+def _stopping() -> APIError:
+    return APIError(503, "the server is shutting down; retry later", "shutting_down")
 
 
 @dataclass(eq=False)
@@ -84,7 +89,7 @@ class Scheduler:
         self.model, self.metrics = model, metrics
         self.waiting: queue.Queue[Job] = queue.Queue(max_queue)
         self.calls: queue.Queue[tuple[Future, Callable[[], object]]] = queue.Queue(max_queue)
-        self.stopping = threading.Event()
+        self.draining, self.stopping = threading.Event(), threading.Event()  # stop(): the first, then after the grace both
         self.generator = BatchGenerator(model.llm, batch_size, max_len, eos_id, cuda_graph=cuda_graph, compile=compile, sample=True)
         self.thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self.failure: BaseException | None = None
@@ -93,12 +98,12 @@ class Scheduler:
         self.thread.start()
 
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping.is_set()
+        return self.thread.is_alive() and not self.draining.is_set()
 
     def check(self) -> None:
-        """Raises the 503 that refuses new work while the loop is not running."""
-        if self.stopping.is_set():
-            raise APIError(503, "the server is shutting down", "shutting_down")
+        """Raises the 503 that refuses new work while the loop is not running or stops."""
+        if self.draining.is_set():
+            raise _stopping()
         if not self.thread.is_alive():
             raise APIError(503, "the model is not ready", "model_not_ready")
 
@@ -121,10 +126,15 @@ class Scheduler:
         except queue.Full:
             raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loop; jobs still running or waiting get a RuntimeError."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Refuse new work and what still waits (503); give the running jobs `grace` seconds to finish,
+        then end them with the same 503. Safe to call again."""
+        self.draining.set()
+        if self.thread.is_alive():
+            self.thread.join(grace)
         self.stopping.set()
-        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.thread.join(10.0)  # the step under way
 
     def _loop(self) -> None:
         live: dict[int, Job] = {}
@@ -133,8 +143,14 @@ class Scheduler:
                 for key in [key for key, job in live.items() if job.cancelled]:
                     del live[key]
                     self.generator.cancel(key)
-                self._run_calls()
-                new = self._take(self.generator.free_rows(), block=not live)
+                draining = self.draining.is_set()
+                if draining:
+                    self._refuse_waiting(_stopping)
+                    if not live:
+                        break
+                else:
+                    self._run_calls()
+                new = [] if draining else self._take(self.generator.free_rows(), block=not live)
                 tokens = self._admit(new, live) if new else []
                 if live:
                     tokens += self.generator.step()
@@ -142,12 +158,19 @@ class Scheduler:
         except BaseException as e:  # the model failed: every request in flight gets the error
             self.failure = e
             print(f"error: decode loop stopped: {type(e).__name__}: {e}", file=sys.stderr)
-        error = self.failure or RuntimeError("the server is shutting down")
-        for job in [*live.values(), *self._take(self.waiting.qsize(), block=False)]:
-            job.deliver(error)
-        while not self.calls.empty():
-            self.calls.get_nowait()[0].set_exception(error)
+        error = (lambda: self.failure) if self.failure else _stopping  # the model's exception: the request maps it
+        for job in live.values():
+            job.deliver(error())
+        self._refuse_waiting(error)
         self.metrics.active.set(0)
+
+    def _refuse_waiting(self, error: Callable[[], BaseException]) -> None:
+        for job in self._take(self.waiting.qsize(), block=False):
+            job.deliver(error())
+        while not self.calls.empty():
+            future = self.calls.get_nowait()[0]
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error())
 
     def _run_calls(self) -> None:
         """The calls waiting now (not those queued while they run: decoding goes on between them)."""
