@@ -188,7 +188,7 @@ class Server:
             raise APIError(400, str(e), "invalid_value", "findings") from None
         except Exception as e:  # the model failed
             raise APIError(500, f"the explanation failed: {type(e).__name__}", "server_error") from None
-        body = await asyncio.get_running_loop().run_in_executor(self.images, explanation_body, expl)
+        body = await asyncio.get_running_loop().run_in_executor(self.images, explanation_body, expl, self.image_size)
         print(f"explain: image {len(req.image)} B, {tokens} tokens, {len(expl.sentences)} sentences, "
               f"{time.monotonic() - start:.3f}s", file=sys.stderr)
         return JSONResponse(body)
