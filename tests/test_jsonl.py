@@ -62,6 +62,18 @@ def test_torn_last_line(tmp_path):
         read_jsonl(path, resumable=True)
 
 
+def test_a_torn_line_before_the_last_is_refused_in_a_resumed_output(tmp_path):
+    """A kill tears only the last line; a torn-looking line with complete lines after it (a file
+    edited by hand, or two writers) is refused, never dropped, so the rewrite loses no record."""
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps(ROWS[1]) + '\n{"id": "a", "que\n' + json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(ValueError, match=f"^{path}:2: not valid JSON"):
+        read_results(path)
+    path.write_text(json.dumps(ROWS[1]) + '\n{"id": "a", "que\n')  # torn, then its newline: complete, and malformed
+    with pytest.raises(ValueError, match=f"^{path}:2: not valid JSON"):
+        read_results(path)
+
+
 def test_end_at_line(tmp_path):
     path = tmp_path / "x.jsonl"
     complete = json.dumps(ROWS[1])
