@@ -1,5 +1,6 @@
 """Bad input to infer.py: one clear line on stderr naming the file and the problem, exit code 1."""
 
+import codecs
 import shutil
 
 import numpy as np
@@ -36,6 +37,17 @@ def run(capsys, image, release, base):
 def test_good_input_runs(tiny, capsys):
     base, release, image = tiny
     assert infer.main([str(image), "--model", str(release), "--base", str(base), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+
+
+def test_json_files_with_a_byte_order_mark_load(tiny, capsys):
+    """The folders' JSON files saved by a Windows editor (issue 18.11)."""
+    base, release, image = tiny
+    argv = [str(image), "--model", str(release), "--base", str(base), "--max-new-tokens", "2", "--device", "cpu"]
+    assert infer.main(argv) == 0
+    expected = capsys.readouterr().out
+    for path in [base / "config.json", *release.glob("*.json")]:
+        path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    assert infer.main(argv) == 0 and capsys.readouterr().out == expected
 
 
 def test_missing_model_folder(tiny, capsys):

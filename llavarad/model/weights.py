@@ -18,6 +18,7 @@ from torch import Tensor
 from llavarad.model.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.errors import first_line
 from llavarad.hub import hub_download
+from llavarad.jsonl import read_text
 from llavarad.model.llama import Llama
 from llavarad.model.lora import merge_lora
 from llavarad.model.llava import LlavaRad, Projector
@@ -288,8 +289,8 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
     try:
-        model_cfg = json.loads(Path(json_path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        model_cfg = json.loads(read_text(json_path))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{json_path}: not a valid open_clip model json ({e})") from None
     vision_cfg = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
     if not isinstance(vision_cfg, dict) or "image_size" not in vision_cfg:

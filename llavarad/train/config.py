@@ -13,8 +13,9 @@ except ImportError:  # Python 3.10
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from llavarad.model.quant import MODES
 from llavarad.infer.records import LOADERS
+from llavarad.jsonl import read_text
+from llavarad.model.quant import MODES
 
 STAGES = ("pretrain", "lora")
 PARSERS = {int: int, float: float, str: str, str | None: str}  # field type -> command-line parser
@@ -152,7 +153,7 @@ def read_toml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: malformed TOML ({e})") from None
     types = {f.name: f.type for f in fields(TrainConfig)}
