@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from _explain_fixtures import FINDINGS, blob_image, tiny_model, tiny_tokenizer
 
-from llavarad.explain.relevance import TeacherForcing, explain, gradient_relevance, rollout_relevance
 from llavarad.explain.faithfulness import deletion_drops
+from llavarad.explain.relevance import TeacherForcing, explain, gradient_relevance, rollout_relevance
 from llavarad.infer.images import preprocess
-from llavarad.model.tokenizer import build_question
+from llavarad.model.prompt import build_question
 
 FRACTIONS = (0.05, 0.1, 0.2)
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
+from llavarad.infer.generate import BatchGenerator
 from llavarad.model import llama
 from llavarad.model.config import LLAMA_PRESETS, LlamaConfig
-from llavarad.infer.generate import BatchGenerator
 from llavarad.model.llama import Llama
 from llavarad.model.llava import LlavaRad, Projector
 from llavarad.model.tokenizer import IMAGE_TOKEN_INDEX

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from llavarad.model.config import LlamaConfig
 from llavarad.infer.generate import decode_step, prefill
+from llavarad.model.config import LlamaConfig
 from llavarad.model.quant import QuantLinear
 from llavarad.model.weights import load_llm
 

@@ -202,7 +202,7 @@ def one_prefill_seconds(args: argparse.Namespace, image: Path) -> float:
     """Image encoding + prefill of one prompt, median of 5, in this process."""
     from llavarad.infer.generate import BatchGenerator, Prompt
     from llavarad.infer.images import load_image, preprocess
-    from llavarad.model.tokenizer import build_prompt, build_question
+    from llavarad.model.prompt import build_prompt, build_question
     from llavarad.model.weights import load_llavarad
 
     device = torch.device(args.device)

@@ -40,19 +40,20 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llavarad.model.config import LLAMA_PRESETS, LlamaConfig, LoRAConfig  # noqa: E402
-from llavarad.train.data import collate  # noqa: E402
 from llavarad.dist import close_distributed, init_distributed  # noqa: E402
+from llavarad.model.config import LLAMA_PRESETS, LlamaConfig, LoRAConfig  # noqa: E402
 from llavarad.model.llama import Llama  # noqa: E402
-from llavarad.model.lora import lora_state_dict  # noqa: E402
 from llavarad.model.llava import Projector  # noqa: E402
-from llavarad.train.parallel import parallelize  # noqa: E402
+from llavarad.model.lora import lora_state_dict  # noqa: E402
 from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from llavarad.train.loop import build_optimizer, loss_weights, train_step  # noqa: E402
-from llavarad.train.progress import flops_per_token  # noqa: E402
-from llavarad.train.model import TrainModel, assemble, trainable_parameters  # noqa: E402
 from llavarad.model.vision import VisionConfig, VisionTower  # noqa: E402
 from llavarad.model.weights import ours_to_hf  # noqa: E402
+from llavarad.train.data import collate  # noqa: E402
+from llavarad.train.loop import build_optimizer, train_step  # noqa: E402
+from llavarad.train.loss import loss_weights  # noqa: E402
+from llavarad.train.model import TrainModel, assemble, trainable_parameters  # noqa: E402
+from llavarad.train.parallel import parallelize  # noqa: E402
+from llavarad.train.progress import flops_per_token  # noqa: E402
 
 BATCH, TEXT, SUPERVISED, IMAGE_AT = 4, 80, 60, 35  # 1369 image slots + 80 text tokens; the image follows ~35 system-prompt tokens
 LR = 1e-5

@@ -12,13 +12,13 @@ from _infer_fixtures import shared_tiny_release
 from PIL import Image
 from transformers import LlamaTokenizer
 
-from llavarad.explain.relevance import TeacherForcing, attention_maps, explain, gradient_relevance
 from llavarad.explain.faithfulness import deletion_drops
+from llavarad.explain.overlay import grid_to_image
+from llavarad.explain.relevance import TeacherForcing, attention_maps, explain, gradient_relevance
 from llavarad.infer.images import preprocess
 from llavarad.model.llama import Llama
 from llavarad.model.llava import LlavaRad, Projector
-from llavarad.explain.overlay import grid_to_image
-from llavarad.model.tokenizer import build_prompt, build_question
+from llavarad.model.prompt import build_prompt, build_question
 from llavarad.model.vision import VisionConfig, VisionTower
 
 TEXT = "Heart size is normal, e.g. no cardiomegaly. Nodule of 1.5 cm at the left base. No pneumothorax."

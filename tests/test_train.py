@@ -21,10 +21,11 @@ from _release_fixtures import write_tiny_release
 from llavarad.model.config import LoRAConfig
 from llavarad.model.llava import Projector
 from llavarad.model.tokenizer import IGNORE_INDEX
-from llavarad.train.config import TrainConfig, parse_train_args
-from llavarad.train.loop import get_lr, loss_weights, train_step
-from llavarad.train.model import build_model
 from llavarad.model.weights import load_llavarad
+from llavarad.train.config import TrainConfig, parse_train_args
+from llavarad.train.loop import get_lr, train_step
+from llavarad.train.loss import loss_weights
+from llavarad.train.model import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

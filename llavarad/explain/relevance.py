@@ -34,13 +34,15 @@ from PIL import Image
 from torch import Tensor
 
 from llavarad.errors import first_line
+from llavarad.explain.overlay import crop_box, render
+from llavarad.explain.sentences import split_sentences
 from llavarad.infer.images import load_image, preprocess
+from llavarad.infer.pipeline import prompt_ids
+from llavarad.infer.records import Record
 from llavarad.model.llama import apply_rope
 from llavarad.model.llava import LlavaRad, image_position
-from llavarad.explain.overlay import crop_box, render
-from llavarad.infer.records import Record
-from llavarad.explain.sentences import split_sentences
-from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
+from llavarad.model.prompt import build_question
+from llavarad.model.tokenizer import Tokenizer
 
 NEEDS_GRADIENTS = "needs gradients through the decoder, which the int4 inference kernels do not give"
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"
@@ -52,8 +54,8 @@ class TeacherForcing:
 
     def __init__(self, model: LlavaRad, tokenizer: Tokenizer, question: str, findings: str):
         self.model = model
-        prompt = tokenizer.encode_prompt(build_prompt(question))
-        self.ids = tokenizer.encode_prompt(build_prompt(question) + " " + findings)
+        prompt = prompt_ids(tokenizer, question)
+        self.ids = prompt_ids(tokenizer, question, findings)
         if self.ids[: len(prompt)] != prompt:
             raise ValueError("the findings text changes the prompt's tokens; cannot teacher-force it")
         answer = self.ids[len(prompt) :]
@@ -70,7 +72,7 @@ class TeacherForcing:
 
     def logprobs(self, feats: Tensor) -> Tensor:
         """Projected image features (1, N, dim) -> each sentence's summed log-probability (S,), float32 or wider."""
-        device = self.model.llm.lm_head.weight.device
+        device = self.model.device
         embeds = self.model.embed([self.ids], feats)[0][None]  # (1, T, dim)
         pos = torch.arange(embeds.shape[1], device=device)[None]  # (1, T)
         h = self.model.llm(embeds, pos)[0]  # (T, dim)
@@ -186,7 +188,7 @@ def explain_question(model: LlavaRad, tokenizer: Tokenizer, image: Image.Image, 
     """`explain` for a record's question (the human turn without the image token)."""
     size = model.tower.cfg.image_size
     grid = size // model.tower.cfg.patch_size
-    device = model.llm.lm_head.weight.device
+    device = model.device
     with torch.no_grad():
         feats = model.encode_images(preprocess(image, size)[None].to(device))  # (1, N, dim)
     tf = TeacherForcing(model, tokenizer, question, findings)

@@ -25,12 +25,11 @@ import torch
 from torch.utils.data import Dataset
 
 from llavarad.infer.images import load_image, preprocess
-from llavarad.model.llava import image_position
 from llavarad.infer.records import Record, load_records
-from llavarad.model.tokenizer import IGNORE_INDEX, Tokenizer
+from llavarad.model.llava import image_position, splice_labels
+from llavarad.model.tokenizer import IGNORE_INDEX, PAD_ID, Tokenizer
 
 TEMPLATES = {"pretrain": "plain", "lora": "v1"}
-PAD_ID = 0  # <unk>, as the official training pads; padding is never attended to by a real token nor supervised
 
 
 def load_train_records(path: str | Path, loader: str) -> list[Record]:
@@ -83,8 +82,7 @@ class TrainDataset(Dataset):
         if truncated:
             print(f"warning: record {record.id}: {len(ids)} tokens, cut to max_len {self.max_len}", file=sys.stderr)
             ids, labels = ids[: self.max_len], labels[: self.max_len]
-        at = image_position(ids)
-        labels = labels[:at] + [IGNORE_INDEX] * self.n_image_tokens + labels[at + 1 :]  # as splice_image places the image
+        labels = splice_labels(ids, labels, self.n_image_tokens)
         path = self.image_folder / record.image
         try:
             pixels = preprocess(load_image(path), self.image_size)  # (3, S, S)
