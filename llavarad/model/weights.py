@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from llavarad.errors import first_line
-from llavarad.hub import hub_download
+from llavarad.hub import download_command, hub_download
 from llavarad.jsonl import read_text
 from llavarad.model.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.model.llama import Llama
@@ -78,11 +78,12 @@ def resolve_folder(name: str, what: str) -> Path:
         return hub_download(name)
     except ImportError:
         raise FileNotFoundError(
-            f"{name}: no such {what} folder; download it (huggingface-cli download {name} --local-dir DIR) "
+            f"{name}: no such {what} folder; download it ({download_command(name)}) "
             f"and pass DIR, or pip install 'llavarad[hub]' to download it here"
         ) from None
     except ConnectionError as e:
-        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({e})") from None
+        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({e}); download it where "
+                                f"there is a network ({download_command(name)}) and pass DIR") from None
 
 
 def load_file(path: Path) -> dict[str, Tensor]:
