@@ -103,3 +103,12 @@ def test_readme_shows_the_commands_the_demo_prints():
     lines = section.replace("\\\n", " ").splitlines()
     shown = [" ".join(line.split()) for line in lines if line.strip().startswith(("python infer.py", "python evaluate.py", "python train.py"))]
     assert shown == try_commands(Path("demo")).splitlines()
+
+
+def test_the_readme_demo_folder_is_ignored_by_git():
+    """`python -m llavarad.demo demo` in the checkout, as the README says, leaves git status clean."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = ["demo/base/config.json", "demo/release/adapter_model.safetensors", "demo/preds.jsonl"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == files
