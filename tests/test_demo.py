@@ -112,3 +112,11 @@ def test_the_readme_demo_folder_is_ignored_by_git():
     files = ["demo/base/config.json", "demo/release/adapter_model.safetensors", "demo/preds.jsonl"]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
     assert ignored.stdout.split() == files
+
+
+def test_readme_cpu_line_takes_torchvision_from_the_cpu_index_too():
+    """torchvision from the default index, as `.[test]` would fetch it, pins the newest torch: a CUDA
+    build that replaces the CPU one (issue 18.10; checked with pip install --dry-run --report)."""
+    readme = (ROOT / "README.md").read_text()
+    lines = [line.strip() for line in readme.splitlines() if "download.pytorch.org/whl/cpu" in line]
+    assert lines == ["pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"]
