@@ -9,6 +9,7 @@ the continuous-batching decoder of generate.py.
     stream.py     token ids -> text pieces that never split a character
     completion.py one request from submit to outcome: SSE chunks or one JSON body, cancel on disconnect
     prometheus.py the Prometheus counters, gauges and histograms
-    app.py        the FastAPI routes: auth, body limit, request preparation, explanations, the page
+    middleware.py what wraps every request: the Host check, the API key, the last-resort 500 and the count
+    app.py        the FastAPI routes: body limit, request preparation, explanations, the page
     static/       the reading-room page (no external scripts, fonts or styles)
 """
