@@ -26,7 +26,7 @@ INSIGNIFICANT = "Number of clinically insignificant errors by type:"
 @dataclass
 class Request:
     path: str
-    headers: dict
+    headers: dict  # names lowercased
     body: dict
     at: float  # time.monotonic() on arrival
     reference: str
@@ -98,7 +98,7 @@ class JudgeServer:
                 path = self.path.split("?")[0]
                 if not (path == "/v1/chat/completions" or (path.startswith("/openai/deployments/") and path.endswith("/chat/completions"))):
                     return self._send(404, {"error": {"message": f"no route {path}"}})
-                request = Request(self.path, dict(self.headers), body, time.monotonic(), *reports_of(body))
+                request = Request(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.monotonic(), *reports_of(body))
                 with server.lock:
                     index = len(server.requests)
                     server.requests.append(request)

@@ -206,8 +206,9 @@ async def _rate_all(judge: Judge, todo: list[tuple[str, str]], on_line: Callable
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for t in done:
-            t.result()  # raises the first failure
+        failures = [t.exception() for t in done if t.exception() is not None]  # each one read, so asyncio keeps quiet
+        if failures:
+            raise failures[0]
     finally:
         await judge.client.close()
 
