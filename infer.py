@@ -18,25 +18,19 @@ finished but some records failed: their "error" records are in --output, a rerun
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from llavarad.infer.batch import predicted_ids, read_results, run_queries
-from llavarad.model.config import TOWER_CKPT, TOWER_JSON
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
 from llavarad.explain.relevance import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
-from llavarad.infer.generate import greedy_generate
-from llavarad.infer.images import load_image, preprocess
-from llavarad.model.llava import LlavaRad, context_overflow
-from llavarad.model.quant import MODES
+from llavarad.infer.batch import predicted_ids, read_results, run_queries
+from llavarad.infer.images import load_image
+from llavarad.infer.pipeline import DTYPES, default_dtype, describe, device_problem, load
 from llavarad.infer.records import LOADERS, load_records
-from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
-from llavarad.model.weights import load_llavarad
+from llavarad.model.config import TOWER_CKPT, TOWER_JSON
+from llavarad.model.quant import MODES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAILED_RECORDS = 3  # exit code of a batch run that wrote an error record for some query
 
 
@@ -98,53 +92,19 @@ def utf8_problem(text: str) -> str | None:
     return None
 
 
-def device_problem(name: str) -> str | None:
-    """Why `name` cannot run the model here, or None."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        return "not a device name (cpu, cuda, cuda:N or mps)"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is available here"
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            return f"this machine has {torch.cuda.device_count()} CUDA GPU(s)"
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            return "MPS is not available here"
-    elif device.type != "cpu":
-        return "not supported (cpu, cuda, cuda:N or mps)"
-    return None
-
-
-@torch.no_grad()
-def describe(model: LlavaRad, tokenizer: Tokenizer, images: list[Image.Image], reasons: list[str | None], max_new_tokens: int = 256) -> list[str]:
-    """One findings text per (image, reason) pair, generated in one batch: preprocess, prompt,
-    splice, greedy decode, detokenize. A prompt too long for the decoder's context is a ValueError."""
-    device = model.llm.lm_head.weight.device
-    ids = [tokenizer.encode_prompt(build_prompt(build_question(r))) for r in reasons]
-    for row in ids:
-        if problem := context_overflow(model, row, max_new_tokens):
-            raise ValueError(problem)
-    pixels = torch.stack([preprocess(im, model.tower.cfg.image_size) for im in images]).to(device)  # (B, 3, S, S)
-    embeds = model.embed(ids, model.encode_images(pixels))  # B x (T_b, dim)
-    new_tokens = greedy_generate(model.llm, embeds, max_new_tokens, tokenizer.eos_id)
-    return [tokenizer.decode(t) for t in new_tokens]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, device = init_distributed() if args.query_file else (0, 1, None)
     if args.device and not (args.device == "cuda" and device is not None and device.type == "cuda"):
         device = torch.device(args.device)  # "cuda" under torchrun keeps this rank's own GPU
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     try:
         if args.query_file:
             return run_batch(args, rank, world, device, dtype)
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
         heatmaps = make_folder(args.explain) if args.explain else None
-        model, tokenizer = load(args, device, dtype)
+        model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
         print(text, flush=True)
         if heatmaps:
@@ -158,20 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    t0 = time.time()
-    model, tokenizer = load_llavarad(args.model, args.base, dtype, device, tower_dir=args.tower, quantize=args.quantize)
-    print0(f"loaded model in {time.time() - t0:.1f}s", file=sys.stderr)
-    return model, tokenizer
-
-
 def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> int:
     records = load_records(args.query_file, args.loader)[: args.limit]  # fail on a bad query file first
     predicted_ids(Path(args.output))  # and on an output that is not a predictions file
     folder = Path(args.image_folder) if args.image_folder else Path(args.query_file).parent
     heatmaps = make_folder(args.explain) if args.explain else None
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
-    model, tokenizer = load(args, device, dtype)
+    model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
     s = run_queries(
         model, tokenizer, records, folder, args.output, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         workers=args.workers, cuda_graph=device.type == "cuda" if args.cuda_graph is None else args.cuda_graph,

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-import infer
+from llavarad.infer.pipeline import DTYPES, default_dtype, load
 from llavarad.model.quant import MODES
 from llavarad.serve.app import ServeConfig, Server
 from llavarad.serve.prometheus import Metrics
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id")
     p.add_argument("--tower", help="folder with the tower files, for a release folder without them, as infer.py --tower")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=sorted(infer.DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, as infer.py --quantize")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print('error: serving needs FastAPI and uvicorn: pip install -e ".[serve]"', file=sys.stderr)
         return 1
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = infer.DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     try:
         sock = socket.create_server((args.host, args.port))  # bind first: a busy port fails before the model loads
     except OSError as e:
         print(f"error: {args.host}:{args.port}: cannot listen ({e.strerror})", file=sys.stderr)
         return 1
     try:
-        model, tokenizer = infer.load(args, device, dtype)
+        model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
         n_patches = model.tower.num_patches
         config = ServeConfig(
             served_name=args.served_name, api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,

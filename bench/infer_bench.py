@@ -1,8 +1,8 @@
 """Inference throughput: llavarad's engine against Hugging Face transformers `generate`, one GPU, one run.
 
-    PYTHONPATH=. python bench/infer_bench.py          # everything (about 6-8 minutes on an H100)
-    PYTHONPATH=. python bench/infer_bench.py --skip-compile --skip-hf-static --repeats 2   # about 3 minutes
-    PYTHONPATH=. python bench/infer_bench.py --tiny --skip-compile --repeats 1   # CPU smoke test, seconds
+    python bench/infer_bench.py          # everything (about 6-8 minutes on an H100)
+    python bench/infer_bench.py --skip-compile --skip-hf-static --repeats 2   # about 3 minutes
+    python bench/infer_bench.py --tiny --skip-compile --repeats 1   # CPU smoke test, seconds
 
 Random weights in the real LLaVA-Rad shapes (Vicuna-7B decoder, ViT-B/14 at 518 px, mlp2x_gelu
 projector), built directly on the GPU in bf16; nothing is downloaded. transformers' LlamaForCausalLM
@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
+from llavarad.demo import TINY_TOWER
+from llavarad.infer.generate import BatchGenerator
 from llavarad.model import llama
 from llavarad.model.config import LLAMA_PRESETS, LlamaConfig
-from llavarad.infer.generate import BatchGenerator
 from llavarad.model.llama import Llama
 from llavarad.model.llava import LlavaRad, Projector
 from llavarad.model.tokenizer import IMAGE_TOKEN_INDEX
@@ -69,8 +70,7 @@ class Shapes:
 
 
 RELEASE = Shapes(torch.device("cuda"), torch.bfloat16, LlamaConfig(), VisionConfig(), new=128)  # Vicuna-7B, ViT-B/14 at 518
-TINY = Shapes(torch.device("cpu"), torch.float32, LLAMA_PRESETS["tiny"],
-              VisionConfig(image_size=56, width=32, depth=3, heads=2, mlp_hidden=64), new=16)
+TINY = Shapes(torch.device("cpu"), torch.float32, LLAMA_PRESETS["tiny"], TINY_TOWER, new=16)
 
 
 @contextmanager

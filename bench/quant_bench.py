@@ -1,8 +1,8 @@
 """Weight-only quantization at the 7B shape on the CPU: bf16, int8 and int4 decoders (ours) and
 transformers' LlamaForCausalLM in bf16 (the peer row), all on the same random weights.
 
-    PYTHONPATH=. python bench/quant_bench.py --dir /tmp/vicuna-shape --prompt 128 --new 16 --json quant.json
-    PYTHONPATH=. python bench/quant_bench.py --tiny --dir /tmp/tiny-shape    # seconds: the test's smoke run
+    python bench/quant_bench.py --dir /tmp/vicuna-shape --prompt 128 --new 16 --json quant.json
+    python bench/quant_bench.py --tiny --dir /tmp/tiny-shape    # seconds: the test's smoke run
 
 The first run writes random bf16 weights in the layout of lmsys/vicuna-7b-v1.5 (config.json, 2 GB
 safetensors shards and their index) to --dir; later runs reuse them. Each row then runs in its own
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from llavarad.model.config import LlamaConfig
 from llavarad.infer.generate import decode_step, prefill
+from llavarad.model.config import LlamaConfig
 from llavarad.model.quant import QuantLinear
 from llavarad.model.weights import load_llm
 

@@ -1,9 +1,9 @@
 """Serving benchmark: serve.py under closed-loop and open-loop load, against infer.py --query-file on the
 same images at the same batch size, in one run.
 
-    PYTHONPATH=. python bench/serve_bench.py --model /data/llava-rad --base /data/vicuna-7b-v1.5 \
+    python bench/serve_bench.py --model /data/llava-rad --base /data/vicuna-7b-v1.5 \
         --images /data/cxr-sample --batch-size 32 --max-tokens 128          # on a GPU
-    PYTHONPATH=. python bench/serve_bench.py --model REL --base BASE --tiny  # CPU smoke test, seconds
+    python bench/serve_bench.py --model REL --base BASE --tiny  # CPU smoke test, seconds
 
 What it does, in order:
   1. starts serve.py (or uses --url, a server already running with the same options);
@@ -202,21 +202,22 @@ def one_prefill_seconds(args: argparse.Namespace, image: Path) -> float:
     """Image encoding + prefill of one prompt, median of 5, in this process."""
     from llavarad.infer.generate import BatchGenerator, Prompt
     from llavarad.infer.images import load_image, preprocess
-    from llavarad.model.tokenizer import build_prompt, build_question
+    from llavarad.infer.pipeline import embed_images, prompt_ids
+    from llavarad.model.prompt import build_question
     from llavarad.model.weights import load_llavarad
 
     device = torch.device(args.device)
     model, tokenizer = load_llavarad(args.model, args.base, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     pixels = preprocess(load_image(str(image)), model.tower.cfg.image_size)[None].to(device)
-    ids = tokenizer.encode_prompt(build_prompt(build_question(REASONS[1])))
-    gen = BatchGenerator(model.llm, 1, len(ids) + model.tower.num_patches + 1, tokenizer.eos_id)
+    ids = prompt_ids(tokenizer, build_question(REASONS[1]))
+    gen = BatchGenerator(model.llm, 1, model.positions(ids) + 1, tokenizer.eos_id)
     times = []
     with torch.no_grad():
         for _ in range(6):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            gen.add([Prompt(0, model.embed([ids], model.encode_images(pixels))[0], 1)])  # 1 token: the row ends at once
+            gen.add([Prompt(0, embed_images(model, pixels, [ids])[0], 1)])  # 1 token: the row ends at once
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """Training-step speed on one GPU: llavarad (FSDP2 at world size 1) against transformers + peft.
 
-    PYTHONPATH=. python bench/train_bench.py --json train_bench.json     # about 3 minutes on an H100
+    python bench/train_bench.py --json train_bench.json     # about 3 minutes on an H100
 
 Both sides run the LLaVA-Rad stage-2 step at the 7B shape with random weights: batch 4 x 1449
 tokens (1369 image slots + 80 text tokens, the last 60 supervised), LoRA r 64 / alpha 128 /
@@ -38,21 +38,21 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llavarad.model.config import LLAMA_PRESETS, LlamaConfig, LoRAConfig  # noqa: E402
-from llavarad.train.data import collate  # noqa: E402
-from llavarad.dist import close_distributed, init_distributed  # noqa: E402
-from llavarad.model.llama import Llama  # noqa: E402
-from llavarad.model.lora import lora_state_dict  # noqa: E402
-from llavarad.model.llava import Projector  # noqa: E402
-from llavarad.train.parallel import parallelize  # noqa: E402
-from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from llavarad.train.loop import build_optimizer, loss_weights, train_step  # noqa: E402
-from llavarad.train.progress import flops_per_token  # noqa: E402
-from llavarad.train.model import TrainModel, assemble, trainable_parameters  # noqa: E402
-from llavarad.model.vision import VisionConfig, VisionTower  # noqa: E402
-from llavarad.model.weights import ours_to_hf  # noqa: E402
+from llavarad.demo import TINY_TOWER
+from llavarad.dist import close_distributed, init_distributed
+from llavarad.model.config import LLAMA_PRESETS, LlamaConfig, LoRAConfig
+from llavarad.model.llama import Llama
+from llavarad.model.llava import Projector
+from llavarad.model.lora import lora_state_dict
+from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llavarad.model.vision import VisionConfig, VisionTower
+from llavarad.model.weights import ours_to_hf
+from llavarad.train.data import collate
+from llavarad.train.loop import build_optimizer, train_step
+from llavarad.train.loss import loss_weights
+from llavarad.train.model import TrainModel, assemble, trainable_parameters
+from llavarad.train.parallel import parallelize
+from llavarad.train.progress import flops_per_token
 
 BATCH, TEXT, SUPERVISED, IMAGE_AT = 4, 80, 60, 35  # 1369 image slots + 80 text tokens; the image follows ~35 system-prompt tokens
 LR = 1e-5
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke test of this script, no timing value")
     args = p.parse_args(argv)
     if args.tiny:
-        setup = Setup(torch.device("cpu"), LLAMA_PRESETS["tiny"], VisionConfig(image_size=56, width=32, depth=3, heads=2, mlp_hidden=64),
+        setup = Setup(torch.device("cpu"), LLAMA_PRESETS["tiny"], TINY_TOWER,
                       torch.float32, 0.3, LoRAConfig(r=64, alpha=128.0, dropout=0.0), math.inf)
     elif torch.cuda.is_available():  # Vicuna-7B, ViT-B/14 at 518
         setup = Setup(torch.device("cuda"), LlamaConfig(), VisionConfig(), torch.bfloat16, 0.02, LoRAConfig(r=64, alpha=128.0, dropout=0.05), 1.0)

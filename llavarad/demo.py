@@ -30,10 +30,10 @@ from safetensors.torch import save_file
 from llavarad.model.config import LLAMA_PRESETS, TOWER_CKPT, TOWER_JSON, LlamaConfig, LoRAConfig
 from llavarad.model.llama import Llama
 from llavarad.model.llava import Projector
-from llavarad.train.release import save_lora_release
-from llavarad.model.tokenizer import SYSTEM
+from llavarad.model.prompt import SYSTEM
 from llavarad.model.vision import VisionConfig, VisionTower
 from llavarad.model.weights import TRUNK_PREFIX, ours_to_hf
+from llavarad.train.release import save_lora_release
 
 FINDINGS = [
     "Mild cardiomegaly. No focal consolidation, pleural effusion or pneumothorax.",

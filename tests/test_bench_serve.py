@@ -2,23 +2,15 @@
 --query-file, one prefill) on the CPU with the tiny release, so that its GPU run does not fail on a slip
 in the script; every streamed text equals infer.py's prediction for the same request."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from _bench_fixtures import load_bench
 from _infer_fixtures import shared_tiny_release
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("serve_bench", Path(__file__).resolve().parents[1] / "bench" / "serve_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_serve_bench_tiny(tmp_path_factory, tmp_path, capsys):
     tiny = shared_tiny_release(tmp_path_factory)
-    bench = load_bench()
+    bench = load_bench("serve_bench")
     assert bench.main(["--model", str(tiny.release), "--base", str(tiny.base), "--tiny", "--json", str(tmp_path / "b.json")]) == 0
     result = json.loads((tmp_path / "b.json").read_text())
     assert [r["load"] for r in result["rows"]] == ["closed loop, concurrency 1", "closed loop, concurrency 4", "open loop, 20 requests/s"]

@@ -8,8 +8,10 @@ import torch
 from _sp_fixtures import train_tiny_sp
 from _train_fixtures import FINDINGS, N_IMAGE, annotation, write_data
 
+from llavarad.model.prompt import build_prompt
+
+from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
 from llavarad.train.data import StepSampler, TrainDataset, accumulation_steps, collate, eval_batches, load_train_records
-from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer, build_prompt
 
 
 @pytest.fixture(scope="module")

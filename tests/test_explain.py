@@ -7,24 +7,26 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _bench_fixtures import load_bench
 from _explain_fixtures import FINDINGS, blob_image, tiny_model, tiny_tokenizer
 from _infer_fixtures import shared_tiny_release
 from PIL import Image
 from transformers import LlamaTokenizer
 
-from llavarad.explain.relevance import TeacherForcing, attention_maps, explain, gradient_relevance
-from llavarad.explain.faithfulness import deletion_drops
+from llavarad.explain.overlay import grid_to_image
+from llavarad.explain.relevance import TeacherForcing, explain, gradient_relevance
 from llavarad.infer.images import preprocess
 from llavarad.model.llama import Llama
 from llavarad.model.llava import LlavaRad, Projector
-from llavarad.explain.overlay import grid_to_image
-from llavarad.model.tokenizer import build_prompt, build_question
+from llavarad.model.prompt import build_prompt, build_question
 from llavarad.model.vision import VisionConfig, VisionTower
 
 TEXT = "Heart size is normal, e.g. no cardiomegaly. Nodule of 1.5 cm at the left base. No pneumothorax."
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+explain_bench = load_bench("explain_bench")  # attention maps and the deletion test: bench-only code
+attention_maps, deletion_drops = explain_bench.attention_maps, explain_bench.deletion_drops
 
 
 @pytest.fixture(scope="module")

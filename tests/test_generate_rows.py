@@ -13,7 +13,7 @@ from test_engine_batching import LENGTHS, NEW, models  # noqa: F401  (models: pr
 
 from llavarad.infer.generate import BatchGenerator, Prompt, RowSampling, Sampling, decode_step, prefill
 from llavarad.infer.images import load_image, preprocess
-from llavarad.model.tokenizer import build_prompt, build_question
+from llavarad.model.prompt import build_prompt, build_question
 from llavarad.model.weights import load_llavarad
 
 

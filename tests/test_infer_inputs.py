@@ -12,7 +12,7 @@ import pytest
 from _infer_fixtures import read_jsonl, shared_tiny_release, write_corrupt, write_images
 
 import infer
-from llavarad.model.tokenizer import QUESTION, QUESTION_WITH_REASON
+from llavarad.model.prompt import QUESTION, QUESTION_WITH_REASON
 
 NEW = 6
 LONG_REASON = "Shortness of breath and fever. " * 120  # about 1,000 tokens: over the tiny decoder's 512 positions

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from llavarad.infer.batch import read_results
+from llavarad.infer.records import load_records
 from llavarad.jsonl import end_at_line, read_jsonl
 from llavarad.metrics.inputs import read_predictions
-from llavarad.infer.records import load_records
 
 ROWS = [
     {"id": "a", "image": "a.png", "reason": "Cough.\u2028Fever.", "reference": "Clear.", "prediction": "Clear."},

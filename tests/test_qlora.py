@@ -14,12 +14,12 @@ from transformers import LlamaForCausalLM
 import infer
 import train
 from llavarad.model.config import LoRAConfig
-from llavarad.model.lora import LoRALinear
 from llavarad.model.llava import Projector
+from llavarad.model.lora import LoRALinear
 from llavarad.model.quant import QuantLinear
 from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
-from llavarad.train.model import build_model
 from llavarad.model.weights import load_llavarad, load_llm
+from llavarad.train.model import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

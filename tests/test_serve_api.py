@@ -16,7 +16,7 @@ from _infer_fixtures import shared_tiny_release
 from _serve_fixtures import NEW, ServerProcess, chat_body, infer_stdout, shared_server, sse_text
 from PIL import Image
 
-from llavarad.model.tokenizer import SYSTEM, build_question
+from llavarad.model.prompt import SYSTEM, build_question
 
 N_PATCHES = 4  # the tiny tower: 28 px images, 14 px patches
 

@@ -9,10 +9,10 @@ import torch
 from _infer_fixtures import shared_tiny_release, write_images
 from _serve_fixtures import chat_body
 
+from llavarad.model.weights import load_llavarad
 from llavarad.serve.app import ServeConfig, Server
 from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Scheduler
-from llavarad.model.weights import load_llavarad
 
 
 def within(seconds: float, call):

@@ -5,8 +5,8 @@ import pytest
 import sentencepiece as spm
 from _sp_fixtures import train_tiny_sp
 
-from llavarad.serve.stream import TextStream
 from llavarad.model.tokenizer import Tokenizer
+from llavarad.serve.stream import TextStream
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,9 @@ import pytest
 import torch
 from _sp_fixtures import train_tiny_sp
 
-from llavarad.model.tokenizer import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
-    SYSTEM,
-    Tokenizer,
-    build_prompt,
-    build_question,
-)
+from llavarad.model.prompt import SYSTEM, build_prompt, build_question
+
+from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Tokenizer
 
 REASONS = [
     None,

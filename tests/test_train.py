@@ -1,7 +1,6 @@
 """Both training stages on a tiny model (CPU, float32): they overfit, their outputs load in our
 infer.py, in peft and in stage 2, the lr schedule is transformers', and bad settings fail clearly."""
 
-import importlib.util
 import json
 import math
 from dataclasses import MISSING, fields
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _bench_fixtures import load_bench
 from _train_fixtures import FINDINGS, REASONS, read_metrics, train_args, write_base_and_tower, write_data
 from peft import PeftModel
 from torch import nn
@@ -21,10 +21,11 @@ from _release_fixtures import write_tiny_release
 from llavarad.model.config import LoRAConfig
 from llavarad.model.llava import Projector
 from llavarad.model.tokenizer import IGNORE_INDEX
-from llavarad.train.config import TrainConfig, parse_train_args
-from llavarad.train.loop import get_lr, loss_weights, train_step
-from llavarad.train.model import build_model
 from llavarad.model.weights import load_llavarad
+from llavarad.train.config import TrainConfig, parse_train_args
+from llavarad.train.loop import get_lr, train_step
+from llavarad.train.loss import loss_weights
+from llavarad.train.model import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -204,9 +205,7 @@ def test_train_bench_smoke_matches_transformers_peft(tmp_path):
     the same weights and labels, transformers + peft's first step equals ours in float32: the loss
     (far from ln(vocab), so it depends on the weights and inputs) and every LoRA gradient's norm.
     So the benchmark compares equal work."""
-    spec = importlib.util.spec_from_file_location("train_bench", Path(__file__).resolve().parents[1] / "bench" / "train_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("train_bench")
     assert bench.main(["--tiny", "--steps", "1", "--modes", "full,selective", "--json", str(tmp_path / "b.json")]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["implementation"].split(",")[0] for r in rows] == ["llavarad", "llavarad", "transformers + peft"]

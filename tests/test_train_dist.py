@@ -11,8 +11,8 @@ from _train_fixtures import read_metrics, train_args, write_base_and_tower, writ
 from safetensors.torch import load_file
 
 import train
-from llavarad.train.checkpoint import list_checkpoints
 from llavarad.model.llava import Projector
+from llavarad.train.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,13 +34,14 @@ from PIL import Image
 from torch import Tensor
 
 from llavarad.errors import first_line
-from llavarad.infer.images import load_image, preprocess
-from llavarad.model.llama import apply_rope
-from llavarad.model.llava import LlavaRad, image_position
 from llavarad.explain.overlay import crop_box, render
-from llavarad.infer.records import Record
 from llavarad.explain.sentences import split_sentences
-from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
+from llavarad.infer.images import load_image, preprocess
+from llavarad.infer.pipeline import prompt_ids
+from llavarad.infer.records import Record
+from llavarad.model.llava import LlavaRad, image_position
+from llavarad.model.prompt import build_question
+from llavarad.model.tokenizer import Tokenizer
 
 NEEDS_GRADIENTS = "needs gradients through the decoder, which the int4 inference kernels do not give"
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"
@@ -52,8 +53,8 @@ class TeacherForcing:
 
     def __init__(self, model: LlavaRad, tokenizer: Tokenizer, question: str, findings: str):
         self.model = model
-        prompt = tokenizer.encode_prompt(build_prompt(question))
-        self.ids = tokenizer.encode_prompt(build_prompt(question) + " " + findings)
+        prompt = prompt_ids(tokenizer, question)
+        self.ids = prompt_ids(tokenizer, question, findings)
         if self.ids[: len(prompt)] != prompt:
             raise ValueError("the findings text changes the prompt's tokens; cannot teacher-force it")
         answer = self.ids[len(prompt) :]
@@ -70,7 +71,7 @@ class TeacherForcing:
 
     def logprobs(self, feats: Tensor) -> Tensor:
         """Projected image features (1, N, dim) -> each sentence's summed log-probability (S,), float32 or wider."""
-        device = self.model.llm.lm_head.weight.device
+        device = self.model.device
         embeds = self.model.embed([self.ids], feats)[0][None]  # (1, T, dim)
         pos = torch.arange(embeds.shape[1], device=device)[None]  # (1, T)
         h = self.model.llm(embeds, pos)[0]  # (T, dim)
@@ -107,46 +108,6 @@ def gradient_relevance(tf: TeacherForcing, feats: Tensor) -> tuple[Tensor, Tenso
             (grad,) = torch.autograd.grad(lps[s], feats, retain_graph=s < len(lps) - 1)  # (1, N, dim)
             rel.append((grad.to(lps.dtype) * delta).sum(-1)[0])  # (N,)
     return (torch.stack(rel) if rel else delta.new_zeros(0, feats.shape[1])), lps.detach()
-
-
-@torch.no_grad()
-def attention_maps(tf: TeacherForcing, feats: Tensor) -> list[Tensor]:
-    """Each decoder layer's attention probabilities, averaged over heads, (T, T) per layer, for the
-    teacher-forced sequence: recomputed from every attention module's input during the forward,
-    since the fused attention kernels never form them."""
-    probs = []
-
-    def keep_attention(attn, args, _out):
-        x, cos, sin = args[:3]  # the block's normed input and the RoPE tables
-        B, T, _ = x.shape
-        q = apply_rope(attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim), cos, sin).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim), cos, sin).transpose(1, 2)
-        scores = q.float() @ attn._repeat_kv(k).float().transpose(-1, -2) / attn.head_dim**0.5  # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        probs.append(scores.masked_fill(~causal, float("-inf")).softmax(-1).mean(1)[0])  # (T, T)
-
-    hooks = [layer.attn.register_forward_hook(keep_attention) for layer in tf.model.llm.layers]
-    try:
-        tf.logprobs(feats)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return probs
-
-
-def rollout_relevance(tf: TeacherForcing, feats: Tensor) -> Tensor:
-    """Image features (1, N, dim) -> relevance (S, N) by attention rollout (Abnar & Zuidema 2020):
-    each layer's head-averaged attention with the residual as 0.5 identity, multiplied through the
-    layers; a sentence's relevance of a patch is what the positions predicting its tokens draw
-    from that image slot. The comparison the deletion test chose gradient x input over."""
-    probs = attention_maps(tf, feats)
-    T = probs[0].shape[0]
-    rollout = torch.eye(T, device=probs[0].device)
-    for a in probs:  # first layer first: rollout = A_L ... A_1
-        rollout = (0.5 * a + 0.5 * torch.eye(T, device=a.device)) @ rollout
-    N, shift = feats.shape[1], feats.shape[1] - 1
-    image = rollout[:, tf.image_at : tf.image_at + N]  # (T, N)
-    return torch.stack([image[a + shift - 1 : b + shift - 1].sum(0) for a, b in tf.token_spans]) if tf.token_spans else image[:0]
 
 
 @dataclass
@@ -186,7 +147,7 @@ def explain_question(model: LlavaRad, tokenizer: Tokenizer, image: Image.Image, 
     """`explain` for a record's question (the human turn without the image token)."""
     size = model.tower.cfg.image_size
     grid = size // model.tower.cfg.patch_size
-    device = model.llm.lm_head.weight.device
+    device = model.device
     with torch.no_grad():
         feats = model.encode_images(preprocess(image, size)[None].to(device))  # (1, N, dim)
     tf = TeacherForcing(model, tokenizer, question, findings)

@@ -29,10 +29,11 @@ from tqdm import tqdm
 from llavarad.dist import barrier, sum_across_ranks
 from llavarad.infer.generate import BatchGenerator
 from llavarad.infer.images import load_image, preprocess
-from llavarad.jsonl import end_at_line, read_jsonl
-from llavarad.model.llava import LlavaRad, context_overflow
+from llavarad.infer.pipeline import context_overflow, embed_images, prompt_ids
 from llavarad.infer.records import Record, is_id
-from llavarad.model.tokenizer import Tokenizer, build_prompt
+from llavarad.jsonl import end_at_line, read_jsonl
+from llavarad.model.llava import LlavaRad
+from llavarad.model.tokenizer import Tokenizer
 
 
 @dataclass
@@ -149,9 +150,7 @@ def run_queries(
     mine = todo[rank::world]
     barrier()  # every rank has read the finished ids before any rank writes
 
-    prompts = [tokenizer.encode_prompt(build_prompt(r.question)) for r in mine]
-    n_patches = model.tower.num_patches
-    device = model.llm.lm_head.weight.device
+    prompts = [prompt_ids(tokenizer, r.question) for r in mine]
     writer = ResultWriter(part_path(output, rank, world))
     bar = tqdm(total=len(mine), unit=" reports", desc=f"rank 0 of {world}" if world > 1 else None,
                disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
@@ -187,12 +186,11 @@ def run_queries(
                     fail(mine[i], error)
             if not good:
                 continue
-            feats = model.encode_images(torch.stack([p for _, p in good]).to(device))  # (k, N, dim)
-            embeds = model.embed([prompts[i] for i, _ in good], feats)  # k x (T_i, dim)
+            embeds = embed_images(model, torch.stack([p for _, p in good]), [prompts[i] for i, _ in good])  # k x (T_i, dim)
             yield from zip((i for i, _ in good), embeds)
 
     if mine:
-        max_len = max(len(p) for p in prompts) - 1 + n_patches + max_new_tokens
+        max_len = max(model.positions(p) for p in prompts) + max_new_tokens
         gen = BatchGenerator(model.llm, min(batch_size, len(mine)), max_len, tokenizer.eos_id, cuda_graph=cuda_graph, compile=compile)
         for i, tokens in gen.run(embedded_prompts(), max_new_tokens):
             writer.write(_result(mine[i], prediction=tokenizer.decode(tokens)))

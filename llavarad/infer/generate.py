@@ -29,8 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llavarad.model.llama import KVCache, Llama
 from llavarad.infer.sampling import choose
+from llavarad.model.llama import KVCache, Llama
 
 
 class RowSampling(NamedTuple):
@@ -141,7 +141,7 @@ class BatchGenerator:
     def __init__(self, llm: Llama, batch_size: int, max_len: int, eos_id: int, cuda_graph: bool = False, compile: bool = False,
                  sample: bool = False):
         self.llm, self.batch_size, self.max_len, self.eos_id, self.sample = llm, batch_size, max_len, eos_id, sample
-        self.device = llm.lm_head.weight.device
+        self.device = llm.device
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
         self.cache = cache = llm.new_cache(batch_size, max_len)  # this generator's alone: passed into every call

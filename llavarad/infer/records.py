@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llavarad.jsonl import read_jsonl, read_text
-from llavarad.model.tokenizer import IMAGE_TOKEN, human_turn
+from llavarad.model.prompt import IMAGE_TOKEN, human_turn
 
 LOADERS = ("default", "mimic_train_findings", "mimic_test_findings")
 

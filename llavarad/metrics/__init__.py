@@ -1,1 +1,3 @@
-"""Report-generation metrics: BLEU, ROUGE, CheXbert F1, RadGraph F1, bootstrap CIs."""
+"""Evaluation metrics for generated reports (evaluate.py): BLEU, ROUGE, CheXbert F1, RadGraph F1,
+bootstrap confidence intervals and the report files. Reads prediction files; never imports the
+model, inference, training or serving rooms."""

@@ -23,7 +23,7 @@ CONDITIONS = [  # head order
     "Pleural Other", "Fracture", "Support Devices", "No Finding",
 ]
 CONDITIONS_5 = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
-BLANK, POSITIVE, NEGATIVE, UNCERTAIN = 0, 1, 2, 3
+POSITIVE, UNCERTAIN = 1, 3  # CheXbert's classes: 0 blank, 1 positive, 2 negative, 3 uncertain
 LABEL_NAMES = ("blank", "positive", "negative", "uncertain")
 
 

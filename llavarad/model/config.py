@@ -42,7 +42,6 @@ class LlamaConfig:
 
 
 LLAMA_PRESETS = {
-    "vicuna-7b": LlamaConfig(),
     "tiny": LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=160),
 }
 

@@ -155,6 +155,10 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """A preallocated cache, one KVCache per layer, for `batch` rows of `max_len` slots; the
         caller keeps it and passes it to every "prefill" and "decode" call."""

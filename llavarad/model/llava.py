@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from llavarad.model.llama import Llama
-from llavarad.model.tokenizer import IMAGE_TOKEN_INDEX
+from llavarad.model.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llavarad.model.vision import VisionTower
 
 
@@ -28,10 +28,10 @@ def splice_image(ids: list[int], image: Tensor, embed: nn.Embedding) -> Tensor:
     """One row's token ids (one IMAGE_TOKEN_INDEX) + its image features (N, dim) -> the row's input
     embeddings (T - 1 + N, dim), the features in place of the image token.
 
-    Inference calls it per prompt (`LlavaRad.embed`) and pads only when a batch forms (prefill).
-    Training pads the ids where its batch forms (data.collate, each row keeping its one image
-    token), so the spliced rows have one length and stack; the dataset gives the labels the same
-    N image positions (labels[:at] + [IGNORE_INDEX] * N + labels[at + 1:], at = image_position(ids)).
+    Both inference and training call it through `LlavaRad.embed`. Inference pads only when a batch
+    forms (prefill); training pads the ids where its batch forms (data.collate, each row keeping its
+    one image token), so the spliced rows have one length and stack, and `splice_labels` gives the
+    labels the same N image positions.
     """
     at = image_position(ids)
     before = torch.tensor(ids[:at], dtype=torch.long, device=embed.weight.device)
@@ -39,22 +39,25 @@ def splice_image(ids: list[int], image: Tensor, embed: nn.Embedding) -> Tensor:
     return torch.cat([embed(before), image.to(embed.weight.dtype), embed(after)])  # (T - 1 + N, dim)
 
 
-def context_overflow(model: "LlavaRad", ids: list[int], max_new_tokens: int) -> str | None:
-    """Why a prompt (token ids with one image token) cannot be generated, or None: its positions
-    (the image token becomes the tower's patches) plus max_new_tokens must fit in the decoder's
-    context, max_position_embeddings, the positions the model was trained with."""
-    positions = len(ids) - 1 + model.tower.num_patches
-    context = model.llm.cfg.max_seq_len
-    if positions + max_new_tokens <= context:
-        return None
-    return (f"the prompt takes {positions} positions (image included) + max_new_tokens {max_new_tokens} = "
-            f"{positions + max_new_tokens}, over the decoder's context of {context} (max_position_embeddings)")
+def splice_labels(ids: list[int], labels: list[int], n_image: int) -> list[int]:
+    """One row's labels (one per token id) -> one per position of the spliced row (T - 1 + N): the
+    image's N positions are never supervised, as `splice_image` places them."""
+    at = image_position(ids)
+    return labels[:at] + [IGNORE_INDEX] * n_image + labels[at + 1 :]
 
 
 class LlavaRad(nn.Module):
     def __init__(self, tower: VisionTower, projector: Projector, llm: Llama):
         super().__init__()
         self.tower, self.projector, self.llm = tower, projector, llm
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
+
+    def positions(self, ids: list[int]) -> int:
+        """The decoder positions a prompt of token ids takes: its image token becomes the tower's patches."""
+        return len(ids) - 1 + self.tower.num_patches
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """(B, 3, H, W) -> projected image features (B, N, dim)."""

@@ -1,4 +1,4 @@
-"""Prompt templates and SentencePiece tokenization, token for token as the official LLaVA-Rad code.
+"""SentencePiece tokenization, token for token as the official LLaVA-Rad code (the prompt's text: prompt.py).
 
 The release ran Hugging Face's slow `LlamaTokenizer` in legacy mode. Its rules, reproduced here
 with `sentencepiece` alone:
@@ -15,43 +15,12 @@ import re
 
 import sentencepiece as spm
 
-IMAGE_TOKEN = "<image>"
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
-SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-QUESTION = "Provide a description of the findings in the radiology image."
-QUESTION_WITH_REASON = (
-    "Provide a description of the findings in the radiology image given the following indication: {reason}"
-)
-_ANSWER_SEP = " ASSISTANT: "  # Vicuna v1: sep " " + role + ": "
-_EOS_TEXT = "</s>"  # Vicuna v1 ends every answer with this literal text (sep2)
+from llavarad.model.prompt import ANSWER_SEP, EOS_TEXT, IMAGE_TOKEN, build_prompt
+
+IMAGE_TOKEN_INDEX = -200  # the sentinel id the model replaces by the projected patches
+IGNORE_INDEX = -100  # a label that is not supervised
+PAD_ID = 0  # <unk> in Llama's tokenizer: the official training pads with it
 _SPECIAL_TEXT = re.compile("(<unk>|<s>|</s>)")
-
-
-def human_turn(reason: str | None) -> str:
-    """The MIMIC loaders' human turn for a reason for exam (None = no reason): "<image>\n" + the
-    question, unstripped, as the official prediction files record it in `query`.
-
-    As in the official loader, only None selects the no-reason question: an empty reason gives
-    "...indication: ".
-    """
-    if reason is None:
-        return IMAGE_TOKEN + "\n" + QUESTION
-    return IMAGE_TOKEN + "\n" + QUESTION_WITH_REASON.format(reason=reason.replace("\n", " "))
-
-
-def build_question(reason: str | None) -> str:
-    """The question the prompt holds: both the training and evaluation paths delete "<image>" from
-    the human turn and strip it."""
-    return human_turn(reason).replace(IMAGE_TOKEN, "").strip()
-
-
-def build_prompt(question: str) -> str:
-    """The Vicuna v1 inference prompt; the answer follows "ASSISTANT:"."""
-    return SYSTEM + " USER: " + IMAGE_TOKEN + "\n" + question + " ASSISTANT:"
 
 
 class Tokenizer:
@@ -70,7 +39,9 @@ class Tokenizer:
         if self.sp is None or self.sp.get_piece_size() == 0:
             raise ValueError(f"{model_path}: not a SentencePiece model")
         self.unk_id, self.bos_id, self.eos_id = self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = self.unk_id  # the official training pads with <unk>
+        if self.unk_id != PAD_ID:
+            raise ValueError(f"{model_path}: expected a Llama tokenizer with <unk> at id {PAD_ID}, the padding id")
+        self.pad_id = PAD_ID
         self.vocab_size = self.sp.get_piece_size()
         self._special = {"<unk>": self.unk_id, "<s>": self.bos_id, "</s>": self.eos_id}
         for text, i in self._special.items():
@@ -106,8 +77,8 @@ class Tokenizer:
         """
         special = set(self._special.values())
         text = self.sp.decode([i for i in ids if i not in special]).strip()
-        if text.endswith(_EOS_TEXT):
-            text = text[: -len(_EOS_TEXT)]
+        if text.endswith(EOS_TEXT):
+            text = text[: -len(EOS_TEXT)]
         return text.strip()
 
     def encode_plain(self, findings: str) -> tuple[list[int], list[int]]:
@@ -133,18 +104,18 @@ class Tokenizer:
         """
         conversation = build_prompt(question)
         if findings:  # an empty message renders as "ASSISTANT:" with no "</s>"
-            conversation += " " + findings + _EOS_TEXT
+            conversation += " " + findings + EOS_TEXT
         ids = self.encode_prompt(conversation)
         labels = list(ids)
         labels[0] = IGNORE_INDEX  # BOS
         start = 1
-        for k, turn in enumerate(conversation.split(_EOS_TEXT)):
-            parts = turn.split(_ANSWER_SEP)
+        for k, turn in enumerate(conversation.split(EOS_TEXT)):
+            parts = turn.split(ANSWER_SEP)
             if len(parts) != 2:  # also the empty text after the last "</s>"
                 break
             # The image is in the first turn only; a later turn's "<image>" is text, as in `ids`.
             encode = self.encode_prompt if k == 0 else lambda text: [self.bos_id] + self.encode_text(text)
-            n_instruction = len(encode(parts[0] + _ANSWER_SEP)) - 2
+            n_instruction = len(encode(parts[0] + ANSWER_SEP)) - 2
             _ignore(labels, start, start + n_instruction)
             start += len(encode(turn))
         _ignore(labels, start, len(labels))

@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from llavarad.model.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.errors import first_line
 from llavarad.hub import hub_download
+from llavarad.model.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.model.llama import Llama
-from llavarad.model.lora import merge_lora
 from llavarad.model.llava import LlavaRad, Projector
+from llavarad.model.lora import merge_lora
 from llavarad.model.quant import QUANTIZED, QuantLinear
 from llavarad.model.tokenizer import Tokenizer
 from llavarad.model.vision import Block, VisionConfig, VisionTower

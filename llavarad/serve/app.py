@@ -31,13 +31,15 @@ from torch import Tensor
 from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
 from llavarad.infer.generate import Sampling, Token
 from llavarad.infer.images import preprocess, read_image
+from llavarad.infer.pipeline import prompt_ids
+from llavarad.model.prompt import build_question
+from llavarad.model.tokenizer import Tokenizer
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
 from llavarad.serve.errors import APIError
 from llavarad.serve.explanation import ExplainRequest, explanation_body, parse_explain
 from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Job, Scheduler
-from llavarad.model.tokenizer import Tokenizer, build_prompt, build_question
 
 STATIC = Path(__file__).parent / "static"
 _OPEN_PATHS, _OPEN_PREFIX = ("/health", "/"), "/static/"  # the page loads without the key, then asks for it
@@ -166,7 +168,7 @@ class Server:
     def _prepare(self, chat: ChatRequest) -> tuple[list[int], Tensor]:
         """(prompt ids, pixels (3, S, S)): the slow part of a request, run in the image threads."""
         pixels = preprocess(read_image(chat.image, "image_url", self.config.max_pixels), self.image_size)
-        return self.tokenizer.encode_prompt(build_prompt(build_question(chat.reason))), pixels
+        return prompt_ids(self.tokenizer, build_question(chat.reason)), pixels
 
     async def _off_loop(self, fn, *args):
         try:
@@ -212,8 +214,7 @@ class Server:
 
     def _explain_tokens(self, req: ExplainRequest) -> int:
         """The teacher-forced sequence's length, refused past a cache row's: that bounds the work."""
-        ids = self.tokenizer.encode_prompt(build_prompt(build_question(req.reason)) + " " + req.findings)
-        tokens = len(ids) - 1 + self.n_patches
+        tokens = self.scheduler.model.positions(prompt_ids(self.tokenizer, build_question(req.reason), req.findings))
         if tokens > self.config.max_len:
             raise APIError(400, f"the prompt and findings take {tokens} tokens ({self.n_patches} for the image), over the "
                                 f"{self.config.max_len} positions of a cache row", "context_length_exceeded", "findings")
@@ -225,7 +226,7 @@ class Server:
             raise APIError(503, "the model is not ready", "model_not_ready")
         chat = parse_chat(await self._json_body(request), self.limits)
         ids, pixels = await self._off_loop(self._prepare, chat)
-        prompt_tokens = len(ids) - 1 + self.n_patches
+        prompt_tokens = self.scheduler.model.positions(ids)
         if prompt_tokens + chat.max_tokens - 1 > self.config.max_len:
             raise APIError(400, f"the prompt takes {prompt_tokens} tokens ({self.n_patches} for the image); with max_tokens "
                                 f"{chat.max_tokens} it does not fit the {self.config.max_len} positions of a cache row: "

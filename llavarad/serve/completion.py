@@ -12,11 +12,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from llavarad.infer.generate import Token
+from llavarad.model.tokenizer import Tokenizer
 from llavarad.serve.chat import ChatRequest
 from llavarad.serve.errors import APIError
 from llavarad.serve.scheduler import Job, Scheduler
 from llavarad.serve.stream import TextStream
-from llavarad.model.tokenizer import Tokenizer
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from llavarad.infer.generate import BatchGenerator, Prompt, Sampling, Token
+from llavarad.infer.pipeline import embed_images
 from llavarad.model.llava import LlavaRad
 from llavarad.serve.prometheus import Metrics
 
@@ -143,9 +144,7 @@ class Scheduler:
     def _admit(self, jobs: list[Job], live: dict[int, Job]) -> list[Token]:
         """Encode the jobs' images in one batch and prefill them into free rows."""
         live.update((j.key, j) for j in jobs)  # first: if the model fails below, these jobs get the error too
-        device = self.model.llm.lm_head.weight.device
-        feats = self.model.encode_images(torch.stack([j.pixels for j in jobs]).to(device))  # (k, N, dim)
-        embeds = self.model.embed([j.prompt for j in jobs], feats)  # k x (T_j, dim)
+        embeds = embed_images(self.model, torch.stack([j.pixels for j in jobs]), [j.prompt for j in jobs])  # k x (T_j, dim)
         return self.generator.add([Prompt(j.key, e, j.max_tokens, j.sampling) for j, e in zip(jobs, embeds)])
 
     def _hand_out(self, tokens: list[Token], live: dict[int, Job]) -> None:

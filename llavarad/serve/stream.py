@@ -8,9 +8,8 @@ the decoded text ends in something that can still change:
   - a beginning of "</s>": `decode` cuts one literal "</s>" from the end of the text.
 """
 
+from llavarad.model.prompt import EOS_TEXT
 from llavarad.model.tokenizer import Tokenizer
-
-_EOS_TEXT = "</s>"
 
 
 def _settled(text: str) -> str:
@@ -18,8 +17,8 @@ def _settled(text: str) -> str:
     while True:
         before = text
         text = text.rstrip().rstrip("\ufffd")
-        for k in range(len(_EOS_TEXT), 0, -1):
-            if text.endswith(_EOS_TEXT[:k]):
+        for k in range(len(EOS_TEXT), 0, -1):
+            if text.endswith(EOS_TEXT[:k]):
                 text = text[:-k]
                 break
         if text == before:

@@ -13,8 +13,8 @@ except ImportError:  # Python 3.10
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from llavarad.model.quant import MODES
 from llavarad.infer.records import LOADERS
+from llavarad.model.quant import MODES
 
 STAGES = ("pretrain", "lora")
 PARSERS = {int: int, float: float, str: str, str | None: str}  # field type -> command-line parser

@@ -4,7 +4,7 @@
   and loads + preprocesses its image; it runs in the DataLoader's worker processes. A sample of
   more than `max_len` token ids is cut at the end (and reported) while the image is still one
   token, as the official collator cuts. Its labels get the N image positions that
-  `model.splice_image` (the one splice, shared with inference) puts in place of the image token.
+  `llava.splice_image` (the one splice, shared with inference) puts in place of the image token.
   An unreadable image gives a sample with nothing supervised (counted, see train_loop).
 - `StepSampler` deals out micro-batches as a pure function of the optimizer step: step s takes the
   next `global_batch` indices of a per-epoch permutation (the epoch's last step the remainder),
@@ -25,12 +25,11 @@ import torch
 from torch.utils.data import Dataset
 
 from llavarad.infer.images import load_image, preprocess
-from llavarad.model.llava import image_position
 from llavarad.infer.records import Record, load_records
-from llavarad.model.tokenizer import IGNORE_INDEX, Tokenizer
+from llavarad.model.llava import image_position, splice_labels
+from llavarad.model.tokenizer import IGNORE_INDEX, PAD_ID, Tokenizer
 
 TEMPLATES = {"pretrain": "plain", "lora": "v1"}
-PAD_ID = 0  # <unk>, as the official training pads; padding is never attended to by a real token nor supervised
 
 
 def load_train_records(path: str | Path, loader: str) -> list[Record]:
@@ -83,8 +82,7 @@ class TrainDataset(Dataset):
         if truncated:
             print(f"warning: record {record.id}: {len(ids)} tokens, cut to max_len {self.max_len}", file=sys.stderr)
             ids, labels = ids[: self.max_len], labels[: self.max_len]
-        at = image_position(ids)
-        labels = labels[:at] + [IGNORE_INDEX] * self.n_image_tokens + labels[at + 1 :]  # as splice_image places the image
+        labels = splice_labels(ids, labels, self.n_image_tokens)
         path = self.image_folder / record.image
         try:
             pixels = preprocess(load_image(path), self.image_size)  # (3, S, S)
@@ -105,7 +103,7 @@ class TrainDataset(Dataset):
 
 def collate(samples: list[dict]) -> dict:
     """The batch, padded here and only here: `ids` (B lists of T token ids, right-padded with the pad
-    id, so every row keeps its one image token in place and model.splice_image makes each a row of
+    id, so every row keeps its one image token in place and llava.splice_image makes each a row of
     T - 1 + N embeddings), labels (B, T - 1 + N) padded with IGNORE_INDEX, pixels (B, 3, S, S), and
     counts (made here, in the loader's workers, so the step loop only sums them)."""
     B, T = len(samples), max(len(s["tokens"]) for s in samples)

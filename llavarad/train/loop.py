@@ -27,19 +27,20 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from llavarad.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from llavarad.dist import close_distributed, init_distributed, print0
 from llavarad.model.config import LoRAConfig
+from llavarad.model.lora import lora_state_dict
+from llavarad.model.tokenizer import Tokenizer
+from llavarad.model.weights import resolve_folder
+from llavarad.train.checkpoint import list_checkpoints, load_checkpoint, read_meta, save_checkpoint
+from llavarad.train.config import TrainConfig, resume_changes, resume_safe_fields
 from llavarad.train.data import (TEMPLATES, StepSampler, TrainDataset, accumulation_steps, collate, eval_batches,
                            load_train_records, steps_per_epoch, text_length)
-from llavarad.dist import close_distributed, init_distributed, print0
-from llavarad.model.lora import lora_state_dict
-from llavarad.train.parallel import parallelize
-from llavarad.train.release import save_lora_release, save_pretrain_outputs
-from llavarad.model.tokenizer import Tokenizer
-from llavarad.train.config import TrainConfig, resume_changes, resume_safe_fields
-from llavarad.train.progress import MetricsLog, StepCounts, format_record
+from llavarad.train.loss import StepCounts, loss_weights
 from llavarad.train.model import TrainModel, build_model, trainable_parameters
-from llavarad.model.weights import resolve_folder
+from llavarad.train.parallel import parallelize
+from llavarad.train.progress import MetricsLog, format_record
+from llavarad.train.release import save_lora_release, save_pretrain_outputs
 
 
 def run_training(cfg: TrainConfig) -> Path:
@@ -198,21 +199,6 @@ def build_optimizer(params: list[nn.Parameter], weight_decay: float, device: tor
     return torch.optim.AdamW(
         params, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, fused=cuda or None, foreach=not cuda or None
     )
-
-
-def loss_weights(n_supervised: list[int], step_supervised: float, world: int, loss_norm: str) -> list[float]:
-    """The factor each of this rank's micro-batches multiplies its summed cross-entropy by before the
-    backward. FSDP then averages the gradients over the `world` ranks (divides their sum by world).
-
-    n_supervised: each micro-batch's supervised tokens; step_supervised: the step's, over all ranks.
-    "global": world / step_supervised for all, so the gradient is that of sum(ce) / step_supervised.
-    "micro": 1 / (accum x n) for a micro-batch of n supervised tokens, so each token weighs
-    1 / (world x accum x n) after the average. A micro-batch with nothing supervised adds nothing
-    (there the official loss is 0 / 0).
-    """
-    if loss_norm == "global":
-        return [world / max(step_supervised, 1.0)] * len(n_supervised)
-    return [1.0 / (len(n_supervised) * n) if n else 0.0 for n in n_supervised]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict], weights: list[float], lr: float,

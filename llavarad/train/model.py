@@ -11,16 +11,15 @@ CPU tests).
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llavarad.model.config import LoRAConfig
 from llavarad.model.llama import Llama
+from llavarad.model.llava import LlavaRad, Projector
 from llavarad.model.lora import apply_lora
-from llavarad.model.llava import LlavaRad, Projector, splice_image
-from llavarad.model.tokenizer import IGNORE_INDEX
 from llavarad.model.vision import VisionTower
 from llavarad.model.weights import load_llm, load_projector, load_tower, locate_tower, resolve_folder
+from llavarad.train.loss import summed_cross_entropy
 
 
 class TrainModel(LlavaRad):
@@ -30,19 +29,15 @@ class TrainModel(LlavaRad):
     def forward(self, pixels: Tensor, ids: list[list[int]], labels: Tensor) -> Tensor:
         """pixels (B, 3, S, S); ids (B rows of T token ids, one image token each) and labels
         (B, T - 1 + N) from data.collate -> the cross-entropy summed over the supervised tokens
-        (normalising is the caller's job: see train_loop.loss_weights)."""
+        (normalising is the caller's job: see loss.loss_weights)."""
         bf16 = self.llm.embed_tokens.weight.dtype == torch.bfloat16  # the "bfloat16" recipe: autocast the matmuls
         with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
             image = self.encode_images(pixels)  # (B, N, dim); the tower is frozen, so the gradient starts at the projector
-            # Rows padded alike in collate splice to one length: (B, T - 1 + N, dim)
-            h = torch.stack([splice_image(row, image[b], self.llm.embed_tokens) for b, row in enumerate(ids)])
+            h = torch.stack(self.embed(ids, image))  # rows padded alike in collate: (B, T - 1 + N, dim)
             B, T = h.shape[:2]
             pos = torch.arange(T, device=h.device).expand(B, T)  # (B, T); right padding keeps positions
             h = self.llm(h, pos)  # (B, T, dim)
-            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-            keep = targets != IGNORE_INDEX
-            logits = self.llm.lm_head(h[:, :-1][keep])  # (n, vocab), only where supervised: saves B*T*vocab
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            return summed_cross_entropy(self.llm.lm_head, h, labels)
 
     def train(self, mode: bool = True) -> "TrainModel":
         """The tower stays in eval mode whatever the mode: it is frozen, only the decoder trains."""

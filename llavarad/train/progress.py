@@ -1,10 +1,9 @@
-"""What the training loop reports: each step's counts over all ranks, the model FLOPs per token for
-MFU, and metrics.jsonl (one line per log step: loss, lr, grad norm, tokens/s, MFU, peak memory,
-padding share, unreadable images, cut samples)."""
+"""What the training loop reports: the model FLOPs per token for MFU, and metrics.jsonl (one line
+per log step: loss, lr, grad norm, tokens/s, MFU, peak memory, padding share, unreadable images,
+cut samples)."""
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,25 +12,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from llavarad.model.config import LlamaConfig
-
-
-@dataclass
-class StepCounts:
-    """A step's batch, summed over its micro-batches and all ranks."""
-
-    supervised: float  # tokens with a target
-    real: float  # positions that are not padding
-    slots: float  # positions, padding included
-    rows: float  # samples
-    missing: float  # unreadable images
-    truncated: float  # samples cut at max_len
-
-    @staticmethod
-    def all_ranks(micro: list[dict], device: torch.device) -> "StepCounts":
-        counts = torch.tensor([[b["n_supervised"], b["n_real"], b["labels"].numel(), len(b["ids"]), b["n_missing"],
-                                b["n_truncated"]] for b in micro], dtype=torch.float64).sum(0).to(device)
-        dist.all_reduce(counts)
-        return StepCounts(*counts.tolist())
+from llavarad.train.loss import StepCounts
 
 
 def flops_per_token(cfg: LlamaConfig, trainable_decoder_params: int, seq_len: float) -> float:
