@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(args.output_dir, results, header, base)
     print(format_table(results, header))
     breakdowns = " and breakdown_p.csv, breakdown_n.csv" if results["breakdown"] else ""  # CheXbert's, when it ran
-    print(f"\nWrote metrics.json, main.csv, per_report.jsonl{breakdowns} to {args.output_dir}")
+    ratings = ", chexprompt.jsonl" if run else ""
+    print(f"\nWrote metrics.json, main.csv, per_report.jsonl{breakdowns}{ratings} to {args.output_dir}")
     return 0
 
 

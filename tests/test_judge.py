@@ -212,7 +212,8 @@ def test_outputs_a_refused_prompt_and_a_rerun(tmp_path, capsys):
         lines = [json.loads(x) for x in (out / "chexprompt.jsonl").read_text().splitlines()]
         assert [x["id"] for x in lines] == ["s0", "s1", "s2", "s3", "s4"]  # prediction order, one per report
         assert list(lines[0])[:4] == ["id", "reference", "candidate", "rating"] and lines[2]["rating"] is None
-        assert "sending 4 reports" in first.err.splitlines()[0] and "to 127.0.0.1, model judge-test" in first.err
+        assert first.err.splitlines()[0] == ("CheXprompt: sending the reference and generated findings of 5 reports to "
+                                             "127.0.0.1 (model judge-test) as 4 pairs (a repeated pair once)")
         assert "1 ratings failed, left out of the means: s2" in first.out and "CheXprompt-significant" in first.out
 
         refuse[0] = False

@@ -240,9 +240,10 @@ def rate_reports(ids: list, references: list[str], candidates: list[str], settin
         bar = tqdm(total=len(todo), desc="CheXprompt", unit="report", file=sys.stderr, disable=None)
         judge = Judge(settings, make_client(settings), lambda text: bar.write(text, file=sys.stderr))
         reused = sum(p in earlier for p in pairs)
-        bar.write(f"CheXprompt: sending {len(todo)} reports (reference and generated findings; a pair that repeats, "
-                  f"once) to {judge.host}, model {settings.model}" + (f"; {reused} ratings reused from {path}" if reused else ""),
-                  file=sys.stderr)
+        note = f" as {len(todo)} pairs (a repeated pair once)" if len(todo) < len(pairs) - reused else ""
+        note += f"; {reused} ratings reused from {path}" if reused else ""
+        bar.write(f"CheXprompt: sending the reference and generated findings of {len(pairs) - reused} reports to "
+                  f"{judge.host} (model {settings.model}){note}", file=sys.stderr)
         appender = Appender(path)
 
         def on_line(reference: str, candidate: str, fields: dict) -> None:
