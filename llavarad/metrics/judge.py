@@ -63,7 +63,7 @@ class JudgeSettings:
                 "top_p": self.top_p, "max_tokens": self.max_tokens}
 
 
-def make_client(s: JudgeSettings):
+def make_client(s: JudgeSettings) -> "openai.AsyncOpenAI":
     """An AsyncOpenAI (or AsyncAzureOpenAI) client without retries of its own: the Judge does them.
     The key comes from the environment only; a judge at a URL of one's own may want none."""
     if openai is None or not hasattr(openai, "AsyncOpenAI"):
@@ -92,7 +92,7 @@ class Reply:
 class Judge:
     """One run's client, rate limit and retries. `rate` gives the fields of one ratings line."""
 
-    def __init__(self, settings: JudgeSettings, client, say: Callable[[str], None]):
+    def __init__(self, settings: JudgeSettings, client: "openai.AsyncOpenAI", say: Callable[[str], None]):
         self.s, self.client, self.say = settings, client, say
         self.host = client.base_url.host or str(client.base_url)
         self.gap = 60.0 / settings.rpm if settings.rpm else 0.0
