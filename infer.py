@@ -26,7 +26,7 @@ import torch
 
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
 from llavarad.explain.relevance import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
-from llavarad.infer.batch import predicted_ids, read_results, run_queries
+from llavarad.infer.batch import output_problem, predicted_ids, read_results, run_queries
 from llavarad.infer.images import load_image
 from llavarad.infer.pipeline import DTYPES, default_dtype, describe, device_problem, load
 from llavarad.infer.records import LOADERS, load_records
@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--query-file needs --output")
     if args.split is not None and args.loader != "chexpert_plus":
         p.error("--split goes with --loader chexpert_plus")
+    if args.query_file and (problem := output_problem(Path(args.output), Path(args.query_file))):
+        p.error(f"--output {args.output}: {problem}")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
     if args.workers < 0 or (args.limit is not None and args.limit < 0):
