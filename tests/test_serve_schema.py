@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from llavarad.serve.api_error import APIError
 from llavarad.serve.chat import Limits, parse_chat
-from llavarad.serve.errors import APIError
 from llavarad.serve.explanation import parse_explain
 
 CAP, MAX_IMAGE = 256, 1000

@@ -2,7 +2,7 @@
 the continuous-batching decoder of generate.py.
 
     chat.py       an OpenAI chat-completions body -> a validated ChatRequest (or an APIError)
-    errors.py     APIError: OpenAI's error body, its status and outcome
+    api_error.py  APIError: OpenAI's error body, its status and outcome
     explanation.py  a /v1/explain body -> an ExplainRequest; an Explanation -> overlays as data: URLs
     scheduler.py  Job (its own queue of tokens) and the engine: the bounded queue, the one decode loop
                   (a thread: admit, prefill, decode, deliver) and the refusals (429, 503)

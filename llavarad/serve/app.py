@@ -33,9 +33,9 @@ from llavarad.infer.images import preprocess, read_image
 from llavarad.infer.pipeline import prompt_ids
 from llavarad.model.prompt import build_question
 from llavarad.model.tokenizer import Tokenizer
+from llavarad.serve.api_error import APIError
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
-from llavarad.serve.errors import APIError
 from llavarad.serve.explanation import ExplainRequest, explanation_body, parse_explain
 from llavarad.serve.middleware import BearerAuth, HostCheck, Outcomes
 from llavarad.serve.prometheus import Metrics

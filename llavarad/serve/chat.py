@@ -11,7 +11,7 @@ import binascii
 import math
 from dataclasses import dataclass
 
-from llavarad.serve.errors import APIError
+from llavarad.serve.api_error import APIError
 
 
 @dataclass(frozen=True)

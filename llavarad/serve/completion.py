@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from llavarad.model.tokenizer import Tokenizer
+from llavarad.serve.api_error import APIError, outcome_of
 from llavarad.serve.chat import ChatRequest
-from llavarad.serve.errors import APIError, outcome_of
 from llavarad.serve.scheduler import Cancelled, Job, Scheduler
 from llavarad.serve.stream import TextStream
 

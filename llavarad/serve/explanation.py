@@ -19,8 +19,8 @@ from PIL import Image
 
 from llavarad.explain.overlay import layer
 from llavarad.explain.relevance import METHOD, Explanation
+from llavarad.serve.api_error import APIError
 from llavarad.serve.chat import check_text, decode_data_url
-from llavarad.serve.errors import APIError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llavarad.serve.errors import APIError, outcome_of
+from llavarad.serve.api_error import APIError, outcome_of
 from llavarad.serve.prometheus import Metrics
 
 COUNTED = "/v1/chat/completions"

@@ -34,7 +34,7 @@ from torch import Tensor
 from llavarad.infer.generate import BatchGenerator, Prompt, Sampling, Token
 from llavarad.infer.pipeline import embed_images
 from llavarad.model.llava import LlavaRad
-from llavarad.serve.errors import APIError
+from llavarad.serve.api_error import APIError
 from llavarad.serve.prometheus import Metrics
 
 
