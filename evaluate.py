@@ -3,13 +3,17 @@
     python evaluate.py preds.jsonl
     python evaluate.py preds.jsonl --chexbert chexbert.pth --bert-vocab vocab.txt --output-dir results/
     python evaluate.py preds.jsonl --chexbert auto --radgraph auto    # downloads the official scorers
+    python evaluate.py preds.jsonl --chexprompt gpt-4-1106-preview    # a GPT-4 judge: the reports leave this machine
+    python evaluate.py preds.jsonl --chexprompt llama-3-70b --judge-url http://127.0.0.1:8001/v1   # a local judge
 """
 
 import argparse
 import os
 import sys
 
+from llavarad.metrics.chexprompt import SAMPLING, usable
 from llavarad.metrics.inputs import read_predictions
+from llavarad.metrics.judge import JudgeSettings, JudgeStopped, RatingRun, rate_reports
 from llavarad.metrics.report import format_table, write_outputs
 from llavarad.metrics.scorers import resolve_auto
 from llavarad.metrics.suite import evaluate_reports
@@ -33,6 +37,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="torch device for the labelers (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=128, help="texts per labeler batch")
     p.add_argument("--skip-errors", action="store_true", help="drop failed records instead of scoring them as empty")
+    j = p.add_argument_group("CheXprompt (a chat model counts each report's errors; the reports are sent to it)")
+    j.add_argument("--chexprompt", metavar="MODEL", help="the judge model (Azure: the deployment name); the key comes from "
+                                                         "OPENAI_API_KEY (Azure: AZURE_OPENAI_API_KEY too)")
+    j.add_argument("--judge-url", help="OpenAI-compatible base URL (default: OpenAI's), e.g. http://127.0.0.1:8001/v1 for a "
+                                       "local vLLM / llama.cpp / Ollama, or an Azure OpenAI endpoint with --judge-api-version")
+    j.add_argument("--judge-api-version", help="Azure OpenAI API version, e.g. 2024-06-01: --judge-url is an Azure endpoint")
+    j.add_argument("--judge-temperature", type=float, default=SAMPLING["temperature"], help="(default: %(default)s, official)")
+    j.add_argument("--judge-top-p", type=float, default=SAMPLING["top_p"], help="(default: %(default)s, official)")
+    j.add_argument("--judge-max-tokens", type=int, default=SAMPLING["max_tokens"], help="(default: %(default)s, official)")
+    j.add_argument("--judge-retries", type=int, default=1, help="asks again after an answer the official parser cannot "
+                                                               "read, then the rating fails (default: %(default)s, official)")
+    j.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
+    j.add_argument("--judge-rpm", type=float, default=30, help="requests per minute at most; 0: no limit (default: %(default)s, official)")
+    j.add_argument("--judge-timeout", type=float, default=300, help="seconds to wait for one answer (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -55,6 +73,37 @@ def check_files(args: argparse.Namespace) -> None:
         raise ValueError("--bootstrap must be 0 (no CIs) or a number of resamples")
 
 
+def judge_settings(args: argparse.Namespace) -> JudgeSettings | None:
+    """The judge of --chexprompt (None without it), its options checked before anything runs."""
+    if args.chexprompt is None:
+        return None
+    if args.judge_api_version and not args.judge_url:
+        raise ValueError("--judge-api-version needs --judge-url, the Azure OpenAI endpoint (https://RESOURCE.openai.azure.com)")
+    if args.judge_url and ".openai.azure.com" in args.judge_url and not args.judge_api_version:
+        raise ValueError(f"--judge-url {args.judge_url} is an Azure OpenAI endpoint: give --judge-api-version (e.g. 2024-06-01)")
+    if args.judge_concurrency < 1 or args.judge_max_tokens < 1 or args.judge_retries < 0 or args.judge_rpm < 0 or args.judge_timeout <= 0:
+        raise ValueError("--judge-concurrency and --judge-max-tokens must be at least 1, --judge-retries and --judge-rpm "
+                         "at least 0, --judge-timeout above 0")
+    return JudgeSettings(
+        args.chexprompt, args.judge_url, args.judge_api_version, args.judge_temperature, args.judge_top_p,
+        args.judge_max_tokens, args.judge_retries, args.judge_concurrency, args.judge_rpm, args.judge_timeout)
+
+
+def chexprompt_records(run: RatingRun, settings: JudgeSettings) -> dict:
+    """metrics.json's account of the ratings: how many, which failed and why, what they cost."""
+    failed = [x for x in run.lines if x["rating"] is None]
+    off_form = [x for x in run.lines if x["rating"] is not None and not usable(x["rating"])]
+    usage = {k: sum(x["usage"][k] for x in run.lines) for k in ("requests", "prompt_tokens", "completion_tokens")}
+    return {
+        "judge": settings.fingerprint(), "sent_to": run.host, "file": "chexprompt.jsonl",
+        "rated": len(run.lines) - len(failed) - len(off_form), "failed": len(failed),
+        "failed_ids": [x["id"] for x in failed], "failed_errors": sorted({x["error"] for x in failed}),
+        "off_form": len(off_form), "off_form_ids": [x["id"] for x in off_form],
+        "asked": run.asked, "reused": run.reused, "requests_this_run": run.requests,
+        "usage": usage, "tokens_per_report": {k: usage[k] / len(run.lines) for k in ("prompt_tokens", "completion_tokens")},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -65,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {len(data.failed_lines)} records failed (error field or no prediction), {action}; "
                   f"lines {', '.join(map(str, data.failed_lines[:10]))}{' ...' if len(data.failed_lines) > 10 else ''}",
                   file=sys.stderr)
+        settings = judge_settings(args)
+        run = None
+        if settings:  # first: a judge that refuses the key stops the run before the local metrics
+            ids = [i if i is not None else n for i, n in zip(data.ids, data.lines)]  # no id: the line number
+            run = rate_reports(ids, data.references, data.predictions, settings, args.output_dir)
         if args.device is None:
             import torch
 
@@ -75,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             radgraph=args.radgraph, radgraph_vocab=args.radgraph_vocab,
             device=args.device, batch_size=args.batch_size, cache_dir=args.cache,
             n_resamples=args.bootstrap, seed=args.seed,
+            chexprompt=None if run is None else [x["rating"] for x in run.lines],
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, JudgeStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     header = {
@@ -92,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             "method": "percentile; BLEU: sacrebleu's (seed 12345, mean +- half the 2.5-97.5% range)",
         },
     }
+    if run is not None:
+        header["records"]["chexprompt"] = chexprompt_records(run, settings)
     base = [
         {"line": n, "id": i, "prediction": p, "reference": r, "failed": f}
         for n, i, p, r, f in zip(data.lines, data.ids, data.predictions, data.references, data.failed)
@@ -99,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(args.output_dir, results, header, base)
     print(format_table(results, header))
     breakdowns = " and breakdown_p.csv, breakdown_n.csv" if results["breakdown"] else ""  # CheXbert's, when it ran
-    print(f"\nWrote metrics.json, main.csv, per_report.jsonl{breakdowns} to {args.output_dir}")
+    ratings = ", chexprompt.jsonl" if run else ""
+    print(f"\nWrote metrics.json, main.csv, per_report.jsonl{breakdowns}{ratings} to {args.output_dir}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
     python infer.py chest.png [--reason "..."] [--model DIR_OR_REPO] [--base DIR_OR_REPO] [--explain DIR] [--quantize int8|int4]
     python infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl [--loader L] [--batch-size 32]
+    python infer.py --query-file OPENI_DIR --loader openi --output openi.jsonl      # the paper's external test sets
+    python infer.py --query-file df_chexpert_plus_240401.csv --loader chexpert_plus --image-folder PNG --output chexpert.jsonl
     torchrun --nproc_per_node=8 infer.py --query-file QUERIES --image-folder DIR --output preds.jsonl
 
 One image: stdout carries only the findings text. A query file (the PhysioNet LLaVA-Rad annotation
@@ -24,10 +26,11 @@ import torch
 
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
 from llavarad.explain.relevance import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
-from llavarad.infer.batch import predicted_ids, read_results, run_queries
+from llavarad.infer.batch import output_problem, predicted_ids, read_results, run_queries
 from llavarad.infer.images import load_image
 from llavarad.infer.pipeline import DTYPES, describe, device_problem, load
 from llavarad.infer.records import LOADERS, load_records
+from llavarad.infer.testsets import DEFAULT_SPLIT, TEST_SETS, load_test_set
 from llavarad.model.config import TOWER_CKPT, TOWER_JSON
 from llavarad.model.quant import MODES
 
@@ -56,7 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     q = p.add_argument_group("query file")
     q.add_argument("--query-file", help="annotation JSON or JSONL; switches to batch mode")
     q.add_argument("--image-folder", help="root of the records' image paths (default: the query file's folder)")
-    q.add_argument("--loader", choices=LOADERS, default="default", help="record filter and prompt (default: %(default)s)")
+    q.add_argument("--loader", choices=LOADERS + TEST_SETS, default="default",
+                   help="record filter and prompt; openi (--query-file: the folder of the report XMLs or of indiana_reports.csv) "
+                        "and chexpert_plus (df_chexpert_plus_240401.csv): frontal images with findings (default: %(default)s)")
+    q.add_argument("--split", help=f"the split of --loader chexpert_plus (default: {DEFAULT_SPLIT})")
     q.add_argument("--output", help="predictions JSONL (required with --query-file)")
     q.add_argument("--batch-size", type=int, default=32, help="reports generated at once per process (default: %(default)s)")
     q.add_argument("--workers", type=int, default=min(4, available_cpus()),
@@ -70,6 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give either an image or --query-file")
     if args.query_file and not args.output:
         p.error("--query-file needs --output")
+    if args.split is not None and args.loader != "chexpert_plus":
+        p.error("--split goes with --loader chexpert_plus")
+    if args.query_file and (problem := output_problem(Path(args.output), Path(args.query_file))):
+        p.error(f"--output {args.output}: {problem}")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be at least 1")
     if args.workers < 0 or (args.limit is not None and args.limit < 0):
@@ -119,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype | None) -> int:
-    records = load_records(args.query_file, args.loader)[: args.limit]  # fail on a bad query file first
+    query = Path(args.query_file)
+    folder = Path(args.image_folder) if args.image_folder else query if query.is_dir() else query.parent
+    if args.loader in TEST_SETS:  # fail on a bad query file first
+        records = load_test_set(query, args.loader, args.split, folder)[: args.limit]
+    else:
+        records = load_records(query, args.loader)[: args.limit]
     predicted_ids(Path(args.output))  # and on an output that is not a predictions file
-    folder = Path(args.image_folder) if args.image_folder else Path(args.query_file).parent
     heatmaps = make_folder(args.explain) if args.explain else None
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
     model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)

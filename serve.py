@@ -7,8 +7,13 @@
 One process owns the model: every request goes through one continuous-batching decode loop with
 --batch-size cache rows. Greedy by default (the same text as `infer.py IMAGE --reason TEXT`);
 temperature / top_p / seed per request. Logs go to stderr and never hold an image or a reason.
-SIGINT / SIGTERM stop accepting, let requests in flight finish for --shutdown-grace seconds, cancel
-the rest and exit 0.
+SIGINT / SIGTERM: new requests and those still waiting for a row get 503 with Retry-After at once,
+the reports being written get --shutdown-grace seconds to finish, then each one still open ends with
+an error (in a stream: an SSE error event, then [DONE]); exit 0.
+
+Bound to a loopback address (the default), the server refuses a Host header that is not a loopback
+name or address (a web page cannot reach it through DNS rebinding) unless --allowed-host lists it;
+it sends no CORS headers unless --cors-origin names the origins whose pages may call it.
 """
 
 import argparse
@@ -16,12 +21,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 import torch
 
 from llavarad.infer.pipeline import DTYPES, load
 from llavarad.model.quant import MODES
 from llavarad.serve.app import ServeConfig, Server
+from llavarad.serve.middleware import is_loopback
 from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Scheduler
 
@@ -46,7 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="prompt tokens besides the image (system prompt + reason for exam) a row has room for (default: %(default)s)")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image accepted, in MiB (default: %(default)s)")
     p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="largest image accepted, in pixels (default: %(default)s)")
-    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds requests in flight get to finish on SIGTERM")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds the reports being written get to finish on SIGINT/SIGTERM (default: %(default)s)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name to accept besides loopback ones (repeatable); any given turns the Host check on "
+                        "even when not bound to loopback")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="an origin (https://app.example) whose pages may call the API: CORS headers for it (repeatable)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help="replay the decode step as a CUDA graph (default: on with CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -80,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             served_name=args.served_name, api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
             max_image_bytes=int(args.max_image_mb * 2**20), max_pixels=args.max_image_pixels,
             max_len=n_patches + args.max_text_tokens + args.max_new_tokens, explain=args.quantize != "int4",
+            allowed_hosts=tuple(args.allowed_host) if args.allowed_host or is_loopback(args.host) else None,
+            cors_origins=tuple(args.cors_origin),
         )
         metrics = Metrics()
         scheduler = Scheduler(model, tokenizer.eos_id, args.batch_size, config.max_len, args.max_queue, metrics,
@@ -91,11 +106,22 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     print(f"serving {args.served_name} on http://{host if ':' not in host else f'[{host}]'}:{port}"
           f"{' (API key required)' if config.api_key else ''}", file=sys.stderr, flush=True)
-    # uvicorn handles SIGINT/SIGTERM (graceful stop), then raises the signal again once it is done;
-    # with these handlers in place that second delivery does nothing and we exit 0.
+    # uvicorn runs in a thread, so the signals come here: the decode loop drains first (every request
+    # gets its answer or its error), then uvicorn stops with nothing left to cut.
+    http = uvicorn.Server(uvicorn.Config(server.app, log_level="info", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="http")
+    signalled = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.Server(uvicorn.Config(server.app, log_level="info", timeout_graceful_shutdown=args.shutdown_grace)).run(sockets=[sock])
+        signal.signal(sig, lambda *_: signalled.set())
+    thread.start()
+    while thread.is_alive() and not signalled.wait(0.2):
+        pass
+    if signalled.is_set():
+        print(f"stopping: new and waiting requests get 503; the reports being written get {args.shutdown_grace:g}s",
+              file=sys.stderr, flush=True)
+    scheduler.stop(args.shutdown_grace)
+    http.should_exit = True
+    thread.join()
     print("stopped", file=sys.stderr)
     return 0
 

@@ -13,7 +13,8 @@ from llavarad.errors import first_line
 def hub_download(repo: str, filename: str | None = None, revision: str | None = None) -> Path:
     """One file of a hub repo, or the whole repo (a folder) when filename is None, at `revision`
     (default: main). Raises ImportError without huggingface_hub, and ConnectionError with a one-line
-    reason when the download fails (no network, no such repo or file, a gated repo)."""
+    reason, in whole sentences, when the download fails (no network, no such repo or file, a gated
+    repo); `download_command` says how to get it elsewhere."""
     import huggingface_hub  # looked up at call time, so that tests can replace its functions
 
     what = f"{repo}/{filename}" if filename else repo
@@ -24,6 +25,12 @@ def hub_download(repo: str, filename: str | None = None, revision: str | None = 
         return Path(huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, revision=revision))
     except Exception as e:  # many types (HTTP, offline, repo not found): one line, not a traceback
         raise ConnectionError(first_line(e)) from None
+
+
+def download_command(repo: str, filename: str | None = None, revision: str | None = None) -> str:
+    """The command that downloads what hub_download would, into a folder DIR of the user's choosing."""
+    return " ".join(["hf download", repo, *([filename] if filename else []), *(["--revision", revision] if revision else []),
+                     "--local-dir DIR"])
 
 
 def hub_installed() -> bool:

@@ -1,7 +1,9 @@
-"""The one JSON-lines reader: query files, predictions files and our own resumable output.
+"""The one JSON-lines reader (query files, predictions files and our own resumable output), and
+`read_text`, the reader of every other text file a user gives us (annotation JSON, configs).
 
 Rules, the same for every file:
-  - the file is UTF-8; a line that is not is an error naming the line;
+  - the file is UTF-8; a line that is not is an error naming the line; a leading byte-order mark
+    (Windows editors and Excel write one) is not part of the text;
   - blank lines are skipped;
   - every other line is one JSON object, or the file is refused at that line;
   - a complete last line counts whether or not it ends with a newline;
@@ -13,6 +15,7 @@ Lines are split at b"\\n" only: JSON escapes every newline inside a string, whil
 would also split at U+2028 and friends, which a writer may leave raw inside a string.
 """
 
+import codecs
 import json
 from pathlib import Path
 
@@ -26,13 +29,15 @@ def _decode(data: bytes, path: Path, first_line: int = 1) -> str:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes without a leading UTF-8 byte-order mark."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: is a folder, not a file" if path.is_dir() else f"{path}: file not found")
-    return path.read_bytes()
+    return path.read_bytes().removeprefix(codecs.BOM_UTF8)
 
 
 def read_text(path: str | Path) -> str:
-    """A whole UTF-8 file (a JSON annotation file); a byte that is not UTF-8 is an error naming its line."""
+    """A whole UTF-8 file (JSON, TOML), without a leading byte-order mark; a byte that is not UTF-8
+    is an error naming its line."""
     return _decode(_read_bytes(Path(path)), Path(path))
 
 

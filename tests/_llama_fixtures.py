@@ -7,12 +7,12 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 
-def tiny_hf_llama(vocab_size: int = 128, n_kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_hf_llama(vocab_size: int = 128, n_kv_heads: int = 2, seed: int = 0, max_positions: int = 512) -> LlamaForCausalLM:
     """A 2-layer Llama with every weight random (norms too), so a wrong key or layout shows."""
     torch.manual_seed(seed)
     cfg = HFLlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions,
         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )

@@ -25,7 +25,8 @@ class TinyRelease:
     projector: dict[str, torch.Tensor]  # {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
-def write_tiny_release(tmp: Path, seed: int = 0) -> TinyRelease:
+def write_tiny_release(tmp: Path, seed: int = 0, image_size: int = 28, max_positions: int = 512) -> TinyRelease:
+    """The tiny release; image_size 518 and max_positions 2048 give LLaVA-Rad's real lengths (1,369 image slots)."""
     base, release = tmp / "base", tmp / "release"
     base.mkdir(parents=True)
     release.mkdir(parents=True)
@@ -33,7 +34,7 @@ def write_tiny_release(tmp: Path, seed: int = 0) -> TinyRelease:
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(sp_path)).get_piece_size()
-    hf = tiny_hf_llama(vocab_size=vocab, seed=seed)
+    hf = tiny_hf_llama(vocab_size=vocab, seed=seed, max_positions=max_positions)
     write_base(hf, base)
 
     peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS))
@@ -44,7 +45,7 @@ def write_tiny_release(tmp: Path, seed: int = 0) -> TinyRelease:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     peft_model.save_pretrained(release, safe_serialization=False)  # adapter_model.bin, as released
 
-    tower = write_tiny_tower(release, seed=seed)
+    tower = write_tiny_tower(release, seed=seed, image_size=image_size)
     width = tower.embed_dim
     projector = {
         "0.weight": torch.randn(64, width, generator=g) * 0.2, "0.bias": torch.randn(64, generator=g) * 0.1,

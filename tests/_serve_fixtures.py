@@ -133,8 +133,8 @@ def shared_server(tiny) -> ServerProcess:
     return _SHARED
 
 
-def png_pixels(data: str | Image.Image) -> np.ndarray:
-    """A data: URL or a PIL image -> its pixels as the PNG holds them."""
+def png_pixels(data: str | Image.Image, mode: str = "RGB") -> np.ndarray:
+    """A data: URL or a PIL image -> its pixels as the PNG holds them, in `mode`."""
     if isinstance(data, Image.Image):
         out = io.BytesIO()
         data.save(out, "PNG")
@@ -142,4 +142,4 @@ def png_pixels(data: str | Image.Image) -> np.ndarray:
     header, _, b64 = data.partition(",")
     assert header == "data:image/png;base64"
     with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(im.convert(mode))

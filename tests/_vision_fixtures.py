@@ -101,12 +101,14 @@ def write_tiny_tower(
     json_name: str = "biomedclipcxr_518.json",
     ckpt_name: str = "biomedclipcxr_518_checkpoint.pt",
     seed: int = 0,
+    image_size: int = 28,
 ) -> nn.Module:
     """Writes the json + checkpoint of a tiny random tower (image 28, patch 14, width 32, depth 3,
-    head width 16) into `folder`; returns the timm reference model (use official_hidden_states)."""
+    head width 16; image 518 gives the real 37 x 37 patches) into `folder`; returns the timm
+    reference model (use official_hidden_states)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    trunk = tiny_timm_tower(seed)
+    trunk = tiny_timm_tower(seed, img_size=image_size)
     torch.save(training_checkpoint(trunk, seed), folder / ckpt_name)
-    (folder / json_name).write_text(json.dumps(model_json(image_size=28, head_width=16), indent=2))
+    (folder / json_name).write_text(json.dumps(model_json(image_size=image_size, head_width=16), indent=2))
     return trunk

@@ -103,3 +103,20 @@ def test_readme_shows_the_commands_the_demo_prints():
     lines = section.replace("\\\n", " ").splitlines()
     shown = [" ".join(line.split()) for line in lines if line.strip().startswith(("python infer.py", "python evaluate.py", "python train.py"))]
     assert shown == try_commands(Path("demo")).splitlines()
+
+
+def test_the_readme_demo_folder_is_ignored_by_git():
+    """`python -m llavarad.demo demo` in the checkout, as the README says, leaves git status clean."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = ["demo/base/config.json", "demo/release/adapter_model.safetensors", "demo/preds.jsonl"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == files
+
+
+def test_readme_cpu_line_takes_torchvision_from_the_cpu_index_too():
+    """torchvision from the default index, as `.[test]` would fetch it, pins the newest torch: a CUDA
+    build that replaces the CPU one (issue 18.10; checked with pip install --dry-run --report)."""
+    readme = (ROOT / "README.md").read_text()
+    lines = [line.strip() for line in readme.splitlines() if "download.pytorch.org/whl/cpu" in line]
+    assert lines == ["pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"]

@@ -1,5 +1,6 @@
 """Bad input to infer.py: one clear line on stderr naming the file and the problem, exit code 1."""
 
+import codecs
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ from _release_fixtures import write_tiny_release
 from PIL import Image
 
 import infer
+from llavarad.errors import first_line
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,17 @@ def run(capsys, image, release, base):
 def test_good_input_runs(tiny, capsys):
     base, release, image = tiny
     assert infer.main([str(image), "--model", str(release), "--base", str(base), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+
+
+def test_json_files_with_a_byte_order_mark_load(tiny, capsys):
+    """The folders' JSON files saved by a Windows editor (issue 18.11)."""
+    base, release, image = tiny
+    argv = [str(image), "--model", str(release), "--base", str(base), "--max-new-tokens", "2", "--device", "cpu"]
+    assert infer.main(argv) == 0
+    expected = capsys.readouterr().out
+    for path in [base / "config.json", *release.glob("*.json")]:
+        path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())
+    assert infer.main(argv) == 0 and capsys.readouterr().out == expected
 
 
 def test_missing_model_folder(tiny, capsys):
@@ -122,6 +135,31 @@ def test_checkpoint_with_code_is_refused(tiny, capsys):
     torch.save({"x": torch.zeros(1), "evil": print}, release / "non_lora_trainables.bin")
     code, err = run(capsys, image, release, base)
     assert code == 1 and "non_lora_trainables.bin" in err and "cannot read checkpoint" in err
+
+
+def test_a_long_library_message_is_cut_at_a_sentence_end():
+    message = "The first sentence is whole and short. " + "The second one runs on " * 12 + "and ends here. Third."
+    assert first_line(OSError(message + "\nmore lines")) == "OSError: The first sentence is whole and short."
+    assert first_line(OSError("word " * 60)) == "OSError: " + "word " * 39 + "word ..."  # no sentence end: at a word
+
+
+def test_hub_download_without_network_is_a_whole_sentence_with_the_command(tiny, capsys, monkeypatch):
+    """huggingface_hub's own error when the hub cannot be reached and nothing is cached (issue 18.12)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo_id, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError(
+            "An error happened while trying to locate the files on the Hub and we cannot find the appropriate snapshot "
+            "folder for the specified revision on the local disk. Please check your internet connection and try again.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    base, release, image = tiny
+    code, err = run(capsys, image, "someone/release", base)
+    assert code == 1 and err == (
+        "error: someone/release: no such model folder, and the hub download failed (LocalEntryNotFoundError: An error "
+        "happened while trying to locate the files on the Hub and we cannot find the appropriate snapshot folder for the "
+        "specified revision on the local disk.); download it where there is a network "
+        "(hf download someone/release --local-dir DIR) and pass DIR")
 
 
 def test_failed_hub_download_is_one_line(tiny, capsys, monkeypatch):

@@ -79,10 +79,16 @@ def test_without_huggingface_hub_one_line_names_the_files(scorers, tmp_path, mon
 def test_a_failed_download_is_one_line(scorers, tmp_path, monkeypatch, capsys):
     d, _ = scorers
 
-    def offline(repo_id, filename, revision=None, **kw):
-        raise OSError("We couldn't connect to 'https://huggingface.co'\nlong text")
+    def offline(repo_id, filename, revision=None, **kw):  # huggingface_hub's own error without a network
+        raise huggingface_hub.errors.LocalEntryNotFoundError(
+            "An error happened while trying to locate the file on the Hub and we cannot find the requested files in the "
+            "local cache. Please check your connection and try again or make sure your Internet connection is on.")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     assert evaluate.main([str(d / "preds.jsonl"), "--chexbert", "auto", "--output-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("error: --chexbert auto: downloading chexbert.pth from StanfordAIMI/RRG_scorers failed (OSError: ")
+    assert err == ("error: --chexbert auto: downloading chexbert.pth from StanfordAIMI/RRG_scorers failed "
+                   "(LocalEntryNotFoundError: An error happened while trying to locate the file on the Hub and we cannot "
+                   "find the requested files in the local cache.); where there is a network, get it (hf download "
+                   "StanfordAIMI/RRG_scorers chexbert.pth --local-dir DIR, or "
+                   "https://huggingface.co/StanfordAIMI/RRG_scorers/resolve/main/chexbert.pth) and pass its path")

@@ -13,7 +13,7 @@ from _infer_fixtures import shared_tiny_release
 from PIL import Image
 from transformers import LlamaTokenizer
 
-from llavarad.explain.overlay import grid_to_image
+from llavarad.explain.overlay import crop_box, drawn_size, grid_to_image, layer, render
 from llavarad.explain.relevance import TeacherForcing, explain, gradient_relevance
 from llavarad.infer.images import preprocess
 from llavarad.model.llama import Llama
@@ -171,3 +171,27 @@ def test_overlay_peak_is_on_the_bright_square(tokenizer, w, h, square):
         y, x = np.unravel_index(np.argmax(heat), heat.shape)
         assert left <= x < right and top <= y < bottom, (x, y)
         assert s.overlay.size[0] > w and s.overlay.size[1] > h  # the image, a colour scale, a caption
+
+
+@pytest.mark.parametrize("w,h", [(400, 700), (1300, 900)])
+def test_the_map_alone_laid_over_the_xray_is_the_overlay(w, h):
+    """layer() (what the server's page draws over the picture) composited over the grey X-ray gives
+    render()'s blended picture (but for the crop outline render draws): the same colours, place and size."""
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8))
+    grid = rng.normal(size=(37, 37)).astype(np.float32)
+    scale, out_w, out_h = drawn_size(w, h)
+    over = np.asarray(layer(grid, w, h, 518), np.float32)  # (out_h, out_w, 4)
+    assert over.shape == (out_h, out_w, 4) and max(out_w, out_h) <= 1024
+    base = np.asarray(image.resize((out_w, out_h), Image.Resampling.BILINEAR), np.float32)[..., None]
+    alpha = over[..., 3:] / 255
+    composite = base * (1 - alpha) + over[..., :3] * alpha
+    drawn = np.asarray(render(image, grid, "caption", 518), np.float32)[:out_h, :out_w]
+    outline = np.zeros((out_h, out_w), bool)
+    left, top, right, bottom = (round(v * scale) for v in crop_box(w, h, 518))
+    for x in (left, right - 1):
+        outline[:, max(0, x - 1): x + 2] = True
+    for y in (top, bottom - 1):
+        outline[max(0, y - 1): y + 2] = True
+    assert np.abs(composite - drawn)[~outline].max() <= 2  # uint8 rounding of the layer's colour and alpha
+    assert alpha.max() > 0.5  # the map is there

@@ -135,6 +135,46 @@ def test_bad_arguments_fail_when_parsed(capsys, argv, message):
     assert e.value.code == 2 and message in err[-1] and sum("error" in line for line in err) == 1  # usage, then one error line
 
 
+def usage_error(capsys, argv) -> str:
+    """parse_args refuses argv with exit 2: the usage, then one error line, which is returned."""
+    with pytest.raises(SystemExit) as e:
+        infer.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and sum("error" in line for line in err) == 1
+    return err[-1]
+
+
+@pytest.mark.parametrize("link", ["same path", "other spelling", "symlink", "hard link"])
+def test_output_that_is_the_query_file_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, link):
+    queries = write_queries(tmp_path / "q.jsonl", [{"id": "a", "image": "a.png"}])
+    before = queries.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    output = {"same path": "q.jsonl", "other spelling": "../" + tmp_path.name + "/./q.jsonl",
+              "symlink": tmp_path / "link.jsonl", "hard link": tmp_path / "hard.jsonl"}[link]
+    if link == "symlink":
+        output.symlink_to(queries)
+    elif link == "hard link":
+        os.link(queries, output)
+    err = usage_error(capsys, ["--query-file", "q.jsonl", "--output", str(output)])
+    assert err.endswith(f"error: --output {output}: is the query file q.jsonl; give the predictions a file of their own")
+    assert queries.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["q.jsonl", *(["link.jsonl"] if link == "symlink" else ["hard.jsonl"] if link == "hard link" else [])])
+
+
+def test_output_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    queries = write_queries(tmp_path / "q.jsonl", [{"id": "a", "image": "a.png"}])
+    argv = ["--query-file", str(queries), "--output"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert usage_error(capsys, [*argv, str(tmp_path)]).endswith(f"--output {tmp_path}: is a folder, expected a predictions file")
+    assert usage_error(capsys, [*argv, str(notes / "preds.jsonl")]).endswith(f"--output {notes / 'preds.jsonl'}: {notes} is a file, not a folder")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: pretend
+    new = tmp_path / "new" / "preds.jsonl"
+    assert usage_error(capsys, [*argv, str(new)]).endswith(f"--output {new}: cannot create a file in {tmp_path} (permission denied)")
+    assert usage_error(capsys, [*argv, str(notes)]).endswith(f"--output {notes}: cannot be written (permission denied)")
+    assert not new.parent.exists() and notes.read_text() == "my notes"
+
+
 def test_reason_bytes_that_are_not_utf8_from_a_shell():
     """`--reason "$(printf 'Cough \\xff')"`: the bytes reach Python as a lone surrogate."""
     run = subprocess.run([sys.executable, "infer.py", "x.png", "--reason", b"Cough \xff"], capture_output=True,

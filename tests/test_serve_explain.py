@@ -1,6 +1,7 @@
 """POST /v1/explain on a real serve.py process: each sentence's text, span and overlay equal what
 llavarad.explain.relevance.explain gives for the same image, reason and findings on the same tiny release
-(the overlay PNGs decoded and compared pixel for pixel); bad bodies get a 4xx with OpenAI's error
+(the overlay PNGs decoded and compared pixel for pixel, and each map alone, the grid drawn as a
+transparent layer of the image's shape); bad bodies get a 4xx with OpenAI's error
 body; explanations asked for while reports are decoding change neither; a server running
 --quantize int4 refuses with a 400 that says why."""
 
@@ -13,6 +14,7 @@ import torch
 from _infer_fixtures import shared_tiny_release, write_corrupt, write_images
 from _serve_fixtures import ServerProcess, chat_body, data_url, infer_stdout, png_pixels, shared_server
 
+from llavarad.explain.overlay import layer
 from llavarad.explain.relevance import explain
 from llavarad.infer.images import load_image
 from llavarad.model.weights import load_llavarad
@@ -48,6 +50,7 @@ def test_overlays_equal_explain_called_directly(setup, k, reason):
         assert (got["start"], got["end"]) == want.chars and got["text"] == expected.findings[got["start"] : got["end"]]
         assert got["logprob"] == pytest.approx(want.logprob, abs=1e-3)
         np.testing.assert_array_equal(png_pixels(got["overlay"]), png_pixels(want.overlay))
+        np.testing.assert_array_equal(png_pixels(got["map"], "RGBA"), np.asarray(layer(want.relevance, *expected.image_size, 28)))
 
 
 def test_explaining_while_decoding_changes_neither(setup):

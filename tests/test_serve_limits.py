@@ -1,10 +1,12 @@
 """serve.py's security and limits, on a server with an API key, one cache row and a queue of one: bad
 input gets a 4xx in OpenAI's error body and leaves the server healthy; the key is required everywhere
-but /health and the page; a body over the limit gets 413 before it is read; a full queue gets 429 with
-Retry-After; a client that leaves mid-stream frees its row; SIGTERM lets the stream in flight finish
-and exits 0."""
+but /health and the page; a Host that is neither loopback nor --allowed-host gets 403 (DNS rebinding);
+CORS headers go only to a --cors-origin (none by default); a body over the limit gets 413 before it is
+read; a full queue gets 429 with Retry-After; a client that leaves mid-stream frees its row; SIGTERM
+lets the stream in flight finish and exits 0."""
 
 import base64
+import json
 import socket
 import struct
 import time
@@ -13,18 +15,20 @@ import zlib
 import httpx
 import pytest
 from _infer_fixtures import shared_tiny_release, write_images
-from _serve_fixtures import ServerProcess, chat_body
+from _serve_fixtures import ServerProcess, chat_body, shared_server
 
 KEY = "test-key-7f3a"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = 300  # max_tokens of the requests that must still be running when the test acts
+APP = "https://app.example"  # the server's --cors-origin
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tiny = shared_tiny_release(tmp_path_factory)
     s = ServerProcess(tiny.release, tiny.base, "--batch-size", "1", "--max-queue", "1", "--max-new-tokens", str(LONG),
-                      "--max-image-mb", "0.5", "--max-image-pixels", "1000000", env={"LLAVARAD_API_KEY": KEY})
+                      "--max-image-mb", "0.5", "--max-image-pixels", "1000000", "--allowed-host", "Reports.Example",
+                      "--allowed-host", "10.0.0.7", "--cors-origin", APP, env={"LLAVARAD_API_KEY": KEY})
     yield s
     s.stop()
 
@@ -96,35 +100,47 @@ def bad_requests(image) -> dict[str, tuple[dict | bytes, int]]:
         "top_p over 1": ({**ok, "top_p": 1.5}, 400),
         "unknown model": ({**ok, "model": "gpt-4o"}, 404),
         "reason too long for a cache row": (chat_body(image, "Cough. " * 400), 400),
+        "deeply nested json": (b"[" * 100_000 + b"]" * 100_000, 400),
+        "temperature NaN": (json.dumps(ok).replace('"model"', '"temperature": NaN, "model"', 1).encode(), 400),
+        "top_p NaN": (json.dumps(ok).replace('"model"', '"top_p": NaN, "model"', 1).encode(), 400),
+        "lone surrogate in the reason": (json.dumps(chat_body(image, "Cough \ud800.")).encode(), 400),
     }
+
+
+def post(server, body: dict | bytes) -> httpx.Response:
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60, **kw)
 
 
 def test_bad_input_gets_an_openai_error_and_the_server_stays_healthy(server, image):
     for name, (body, status) in bad_requests(image).items():
-        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
-        r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60, **kw)
+        r = post(server, body)
         assert r.status_code == status, (name, r.status_code, r.text)
         error = r.json()["error"]
         assert error["message"] and error["type"] and error["code"], name
         assert httpx.get(server.url + "/health").status_code == 200, name
     r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=chat_body(image, "Cough.", max_tokens=4), timeout=60)
     assert r.status_code == 200, r.text  # and it still answers
+    assert "Traceback" not in server.stderr()
 
 
 def test_messages_name_the_problem(server, image):
     cases = bad_requests(image)
-    message = lambda name: httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=cases[name][0], timeout=60).json()["error"]["message"]  # noqa: E731
+    message = lambda name: post(server, cases[name][0]).json()["error"]["message"]  # noqa: E731
     assert "never fetches a URL" in message("http url") and "never fetches a URL" in message("file url")
     assert "over the limit of 1000000 pixels" in message("decompression bomb")
     assert "cannot read image" in message("truncated png")
     assert f"limit of {LONG}" in message("max_tokens over the cap")
     assert "shorten the reason for exam" in message("reason too long for a cache row")
+    assert "nests too deeply" in message("deeply nested json")
+    assert "temperature must be a finite number" in message("temperature NaN")
+    assert "messages[0].content[1].text holds a lone surrogate" in message("lone surrogate in the reason")
 
 
 def test_body_over_the_limit_by_its_header_gets_413_at_once(server):
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
                   + b"\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{")
         reply = s.recv(4096)  # answered although almost none of the 10 GB came
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
@@ -139,6 +155,44 @@ def test_api_key_is_required_except_for_health_and_the_page(server, image):
             assert r.status_code == 401, (headers, path)
             assert r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_a_host_that_is_not_loopback_or_allowed_is_refused(server, tmp_path_factory):
+    default = shared_server(shared_tiny_release(tmp_path_factory))  # no --allowed-host
+    port = lambda s: s.url.rsplit(":", 1)[1]  # noqa: E731
+    for s, extra in ((server, ["reports.example", "REPORTS.example.:443", "10.0.0.7"]), (default, [])):
+        for host in ["127.0.0.1", f"127.0.0.1:{port(s)}", f"localhost:{port(s)}", "LOCALHOST", "app.localhost", "[::1]:8000", "127.1.2.3", *extra]:
+            r = httpx.get(s.url + "/health", headers={"Host": host})
+            assert r.status_code == 200, (host, r.text)
+        for host in ["attacker.example", f"attacker.example:{port(s)}", "127.0.0.1.attacker.example", "localhost.attacker.example",
+                     "10.0.0.8", "[::2]", "0.0.0.0", "reports.example.attacker.example"]:
+            for path in ("/health", "/", "/v1/models", "/metrics"):
+                r = httpx.get(s.url + path, headers={"Host": host, **AUTH})
+                assert r.status_code == 403, (host, path, r.status_code)
+                assert r.json()["error"]["code"] == "host_not_allowed" and "--allowed-host" in r.json()["error"]["message"]
+    r = httpx.post(default.url + "/v1/chat/completions", headers={"Host": "attacker.example"}, json={})
+    assert r.status_code == 403  # and nothing was read, parsed or queued
+
+
+def test_cors_headers_only_for_the_allowed_origin(server, tmp_path_factory):
+    default = shared_server(shared_tiny_release(tmp_path_factory))  # no --cors-origin
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    r = httpx.options(server.url + "/v1/chat/completions", headers={"Origin": APP, **preflight})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP  # answered before the key is asked
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    assert httpx.get(server.url + "/v1/models", headers={"Origin": APP, **AUTH}).headers["access-control-allow-origin"] == APP
+    assert httpx.get(server.url + "/v1/models", headers={"Origin": APP}).headers["access-control-allow-origin"] == APP  # its 401 too
+    for s, origin in ((server, "https://attacker.example"), (default, APP), (default, "http://127.0.0.1:1")):
+        for r in (httpx.options(s.url + "/v1/chat/completions", headers={"Origin": origin, **preflight}),
+                  httpx.get(s.url + "/v1/models", headers={"Origin": origin, **AUTH}),
+                  httpx.get(s.url + "/health", headers={"Origin": origin})):
+            cors = [h for h in r.headers if h.lower().startswith("access-control-")]
+            assert "access-control-allow-origin" not in cors and (s is server or not cors), (origin, r.headers)
+
+
+def test_favicon_is_served_without_the_key(server):
+    r = httpx.get(server.url + "/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and b"<svg" in r.content
 
 
 def stream_first_chunk(server, body: dict):

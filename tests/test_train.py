@@ -22,7 +22,7 @@ from llavarad.model.config import LoRAConfig
 from llavarad.model.llava import Projector
 from llavarad.model.tokenizer import IGNORE_INDEX
 from llavarad.model.weights import load_llavarad
-from llavarad.train.config import TrainConfig, parse_train_args
+from llavarad.train.config import TrainConfig, parse_train_args, resume_changes, resume_safe_fields
 from llavarad.train.loop import get_lr, train_step
 from llavarad.train.loss import loss_weights
 from llavarad.train.model import build_model
@@ -138,8 +138,9 @@ def test_error_projector_shape(small, capsys, tmp_path):
                 "model.mm_projector.2.weight": torch.zeros(64, 64), "model.mm_projector.2.bias": torch.zeros(64)}, bad)
     rc, err = run_main(small, capsys, tmp_path / "a", stage="lora", projector=bad)
     assert rc == 1 and "mm_projector.0.weight has shape (64, 16), expected (64, 32)" in err and "tower width 32" in err
-    rc, err = run_main(small, capsys, tmp_path / "b", stage="lora")
-    assert rc == 1 and "the lora stage needs --projector" in err
+    with pytest.raises(SystemExit) as e:
+        run_main(small, capsys, tmp_path / "b", stage="lora")
+    assert e.value.code == 2 and "error: the lora stage needs --projector" in capsys.readouterr().err
 
 
 def test_error_missing_images_over_threshold(small, capsys, tmp_path):
@@ -165,27 +166,88 @@ def test_fine_tune_from_the_release_folder(tmp_path, capsys):
     tiny = write_tiny_release(tmp_path)
     data, images = write_data(tmp_path)
     args = train_args(tmp_path, tiny.base, tiny.release, data, images, "ft", stage="lora",
-                      projector=tiny.release / "non_lora_trainables.bin", max_steps=1, lr=0.0)
+                      projector=tiny.release / "non_lora_trainables.bin", max_steps=1, lr=1e-12)
     assert train.main(args) == 0
     saved = torch.load(tmp_path / "ft" / "non_lora_trainables.bin", weights_only=True)
-    for key, value in tiny.projector.items():  # lr 0: the released projector passes through unchanged
-        assert torch.equal(saved[f"base_model.model.model.mm_projector.{key}"], value)
+    for key, value in tiny.projector.items():  # one AdamW step of lr 1e-12 moves a weight by about 1e-12
+        torch.testing.assert_close(saved[f"base_model.model.model.mm_projector.{key}"], value, rtol=0, atol=1e-10)
 
 
-def test_config_file_then_flags(tmp_path):
+def test_config_file_then_flags(tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text('stage = "lora"\nlr = 1e-4\nglobal_batch = 64\nprojector = "p.bin"\n')
     required = ["--data", "d", "--image-folder", "i", "--base", "b", "--tower", "t", "--output", "o"]
     cfg = parse_train_args(["--config", str(config), *required, "--lr", "2e-4", "--resume"])
     assert (cfg.stage, cfg.lr, cfg.global_batch, cfg.projector, cfg.resume) == ("lora", 2e-4, 64, "p.bin", True)
-    config.write_text('stage = "lora"\nlearning_rate = 1e-4\n')
-    with pytest.raises(ValueError, match="c.toml: unknown setting 'learning_rate'"):
-        parse_train_args(["--config", str(config), *required])
-    config.write_text('stage = "pretrain"\nglobal_batch = "64"\n')
-    with pytest.raises(ValueError, match="global_batch = '64' should be of type"):
-        parse_train_args(["--config", str(config), *required])
-    with pytest.raises(ValueError, match="missing --data"):
-        parse_train_args(["--stage", "pretrain"])
+    for text, message in [('stage = "lora"\nlearning_rate = 1e-4\n', f"{config}: unknown setting 'learning_rate'"),
+                          ('stage = "pretrain"\nglobal_batch = "64"\n', "global_batch = '64' should be of type")]:
+        config.write_text(text)
+        assert message in usage_error(capsys, ["--config", str(config), *required])
+    assert "missing --data" in usage_error(capsys, ["--stage", "pretrain"])
+
+
+def usage_error(capsys, argv) -> str:
+    """parse_train_args refuses argv with exit code 2: the usage, then one error line, which is returned."""
+    with pytest.raises(SystemExit) as e:
+        parse_train_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and sum("error" in line for line in err) == 1 and "Traceback" not in "".join(err), err
+    return err[-1]
+
+
+REQUIRED = ["--stage", "pretrain", "--data", "d", "--image-folder", "i", "--base", "b", "--tower", "t", "--output", "o"]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "must be a finite number > 0"),
+    ("--lr", "inf", "must be a finite number > 0"),
+    ("--lr", "-1e-3", "must be a finite number > 0"),
+    ("--lr", "0", "must be a finite number > 0"),
+    ("--max-steps", "-3", "must be an integer >= 0"),
+    ("--epochs", "0", "must be an integer >= 1"),
+    ("--global-batch", "0", "must be an integer >= 1"),
+    ("--micro-batch", "-2", "must be an integer >= 1"),
+    ("--warmup-ratio", "1.5", "must be a finite number in [0, 1]"),
+    ("--weight-decay", "-0.1", "must be a finite number >= 0"),
+    ("--lora-dropout", "1", "must be a finite number in [0, 1)"),
+    ("--lora-r", "0", "must be an integer >= 1"),
+    ("--grad-clip", "nan", "must be a finite number >= 0"),
+    ("--max-missing-frac", "2", "must be a finite number in [0, 1]"),
+    ("--save-every", "-1", "must be an integer >= 0"),
+    ("--seed", "-1", "must be an integer in [0, 4294967295]"),
+    ("--peak-tflops", "0", "must be a finite number > 0"),
+])
+def test_a_setting_out_of_its_range_is_a_usage_error_naming_it(capsys, flag, value, message):
+    assert usage_error(capsys, [*REQUIRED, f"{flag}={value}"]).endswith(f"error: argument {flag}: {value}: {message}")
+
+
+def test_a_config_value_out_of_its_range_is_a_usage_error_naming_file_and_key(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    for text, message in [("lr = nan", "lr = nan: must be a finite number > 0"),
+                          ("lr = -inf", "lr = -inf: must be a finite number > 0"),
+                          ("max_steps = -3", "max_steps = -3: must be an integer >= 0"),
+                          ("warmup_ratio = -0.1", "warmup_ratio = -0.1: must be a finite number in [0, 1]")]:
+        config.write_text(text + "\n")
+        assert usage_error(capsys, ["--config", str(config), *REQUIRED]).endswith(f"error: {config}: {message}")
+
+
+def test_every_numeric_setting_has_bounds_shown_in_help_and_kept_by_the_dataclass(capsys):
+    numeric = [f for f in fields(TrainConfig) if f.type in (int, float)]
+    assert numeric and all(f.metadata["bounds"] is not None for f in numeric), [f.name for f in numeric if not f.metadata["bounds"]]
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(> 0; default: 0.001)" in out and "(in [0, 1); default: 0.05)" in out
+    cfg = parse_train_args(REQUIRED)
+    with pytest.raises(ValueError, match=r"^warmup_ratio nan: must be a finite number in \[0, 1\]$"):
+        TrainConfig(**{**cfg.to_dict(), "warmup_ratio": float("nan")})
+
+
+def test_resume_names_only_the_settings_that_changed():
+    saved = parse_train_args(REQUIRED).to_dict()
+    assert resume_changes(saved, parse_train_args([*REQUIRED, "--resume"])) == ([], [])
+    assert resume_changes(saved, parse_train_args([*REQUIRED, "--resume", "--max-steps", "9"])) == ([], ["max_steps 0 -> 9"])
+    assert "resume" not in resume_safe_fields()
 
 
 @pytest.mark.parametrize("name", ["pretrain", "lora"])
@@ -331,7 +393,7 @@ def test_resume_refuses_settings_that_change_the_result(small, capsys, tmp_path)
         assert "only val_data, val_every, epochs, max_steps" in lines[0]
     # Safe: a longer run, other logging; they are named.
     rc, err = run_main(small, capsys, tmp_path / "run", resume=True, **lora, max_steps=3, log_every=2, num_workers=1)
-    assert rc == 0 and "resuming with changed settings: max_steps 2 -> 3; num_workers 0 -> 1; log_every 1 -> 2" in err, err
+    assert rc == 0 and "resuming with changed settings: max_steps 2 -> 3; num_workers 0 -> 1; log_every 1 -> 2\n" in err, err
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 

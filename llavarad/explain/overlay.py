@@ -47,16 +47,34 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return _STOPS[i] * (1 - frac) + _STOPS[i + 1] * frac
 
 
+def drawn_size(w: int, h: int) -> tuple[float, int, int]:
+    """(scale, out_w, out_h): a w x h image as overlays draw it, at most MAX_SIDE on its longer side."""
+    scale = min(1.0, MAX_SIDE / max(w, h))
+    return scale, max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def positive_heat(grid: np.ndarray, w: int, h: int, size: int, out_w: int, out_h: int) -> np.ndarray:
+    """`grid` (g, g)'s positive part scaled to its maximum, over a w x h image drawn at out_w x out_h: (out_h, out_w) in [0, 1]."""
+    positive = np.maximum(grid, 0)
+    peak = positive.max()
+    return grid_to_image(positive / peak if peak > 0 else positive, w, h, size, out_w, out_h)
+
+
+def layer(grid: np.ndarray, w: int, h: int, size: int) -> Image.Image:
+    """The map alone (RGBA, no caption), at the size render() draws the X-ray: the colour, with alpha
+    OPACITY x heat, so that laid over the picture (the server's page does) it blends as render() does."""
+    _, out_w, out_h = drawn_size(w, h)
+    heat = positive_heat(grid, w, h, size, out_w, out_h)[..., None]  # (H, W, 1)
+    return Image.fromarray(np.uint8(np.clip(np.concatenate([colorize(heat[..., 0]), 255 * OPACITY * heat], axis=-1), 0, 255)), "RGBA")
+
+
 def render(image: Image.Image, grid: np.ndarray, caption: str, size: int) -> Image.Image:
     """The X-ray with `grid` (g, g) blended in (its positive part, scaled to its maximum), the crop
     outlined, a colour scale on the right and the caption below."""
     w, h = image.size
-    scale = min(1.0, MAX_SIDE / max(w, h))
-    out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+    scale, out_w, out_h = drawn_size(w, h)
     base = np.asarray(image.convert("L").resize((out_w, out_h), Image.Resampling.BILINEAR), np.float32)[..., None]
-    positive = np.maximum(grid, 0)
-    peak = positive.max()
-    heat = grid_to_image(positive / peak if peak > 0 else positive, w, h, size, out_w, out_h)[..., None]  # (H, W, 1)
+    heat = positive_heat(grid, w, h, size, out_w, out_h)[..., None]  # (H, W, 1)
     alpha = OPACITY * heat
     blended = Image.fromarray(np.uint8(np.clip(base * (1 - alpha) + colorize(heat[..., 0]) * alpha, 0, 255)))
 

@@ -16,6 +16,7 @@ How a run goes (`run_queries`):
 
 import glob
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -88,6 +89,25 @@ def read_results(path: Path) -> list[dict]:
 def predicted_ids(output: Path) -> set[str | int]:
     """Ids that already have a prediction; failed ones (an `error` record) are tried again."""
     return {r["id"] for p in [output, *part_files(output)] for r in read_results(p) if "prediction" in r}
+
+
+def output_problem(output: Path, query_file: Path) -> str | None:
+    """Why the predictions cannot go to `output`, or None; checked before anything is read or
+    written. The query file itself (the same path, a symlink or a hard link to it) would be appended
+    to and then replaced; a missing folder is made (ResultWriter), so the nearest existing one must
+    take a new file."""
+    if output.exists() and query_file.exists() and os.path.samefile(output, query_file):
+        return f"is the query file {query_file}; give the predictions a file of their own"
+    if output.is_dir():
+        return "is a folder, expected a predictions file"
+    if output.exists():
+        return None if os.access(output, os.W_OK) else "cannot be written (permission denied)"
+    folder = output.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"cannot create a file in {folder} (permission denied)"
 
 
 class ResultWriter:

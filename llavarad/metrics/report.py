@@ -11,6 +11,7 @@ import json
 import os
 
 from llavarad.metrics.chexbert import CONDITIONS
+from llavarad.metrics.chexprompt import METRICS as CHEXPROMPT_METRICS
 
 BREAKDOWN_ROWS = sorted(CONDITIONS) + ["micro avg", "macro avg"]
 BREAKDOWN_COLUMNS = ["f1-score", "precision", "recall", "support"]
@@ -19,7 +20,7 @@ BREAKDOWN_FILES = {"breakdown_p.csv": "uncertain_as_positive", "breakdown_n.csv"
 DISPLAY_ORDER = [
     "Micro-F1-14", "Micro-F1-5", "Macro-F1-14", "Macro-F1-5",
     "Micro-F1-14+", "Micro-F1-5+", "Macro-F1-14+", "Macro-F1-5+",
-    "F1-RadGraph", "BLEU-1", "BLEU-4", "ROUGE-L", "ROUGE-2",
+    "F1-RadGraph", "BLEU-1", "BLEU-4", "ROUGE-L", "ROUGE-2", *CHEXPROMPT_METRICS,
 ]
 
 
@@ -62,15 +63,18 @@ def format_table(results: dict, header: dict) -> str:
     lines = [f"Reports scored: {records['scored']}"]
     if records["failed"]:
         lines.append(f"Failed records (error field or no prediction): {records['failed']}, {records['failed_handling']}")
-    lines += ["", f"{'metric':<14}{'value':>9}{'median':>9}   95% CI"]
+    if "chexprompt" in records:
+        lines.append(chexprompt_line(records["chexprompt"]))
+    w = max([14] + [len(name) + 2 for name in results["metrics"]])
+    lines += ["", f"{'metric':<{w}}{'value':>9}{'median':>9}   95% CI"]
     for name in DISPLAY_ORDER:
         if name in results["metrics"]:
             m = results["metrics"][name]
             ci = f"   [{m['ci_l']:.4f}, {m['ci_h']:.4f}]" if "ci_l" in m else ""
             median = f"{m['median']:>9.4f}" if "median" in m else " " * 9
-            lines.append(f"{name:<14}{m['value']:>9.4f}{median}{ci}")
+            lines.append(f"{name:<{w}}{m['value']:>9.4f}{median}{ci}")
     for name, reason in results["skipped"].items():
-        lines.append(f"{name:<14}{reason}")
+        lines.append(f"{name:<{w}}{reason}")
     for title, mapping in (("uncertain as positive", "uncertain_as_positive"), ("uncertain as negative", "uncertain_as_negative")):
         if mapping in results["breakdown"]:
             lines += ["", f"CheXbert F1 ({title})", f"{'':<28}" + "".join(f"{c:>11}" for c in BREAKDOWN_COLUMNS)]
@@ -78,3 +82,17 @@ def format_table(results: dict, header: dict) -> str:
                 row = results["breakdown"][mapping][r]
                 lines.append(f"{r:<28}" + "".join(f"{row[c]:>11.4f}" for c in BREAKDOWN_COLUMNS[:3]) + f"{row['support']:>11d}")
     return "\n".join(lines)
+
+
+def chexprompt_line(c: dict) -> str:
+    """How many reports the judge rated, which failed, what a report cost."""
+    ids = lambda xs: ", ".join(map(str, xs[:10])) + (" ..." if len(xs) > 10 else "")
+    total = c["rated"] + c["failed"] + c["off_form"]
+    line = (f"CheXprompt ({c['judge']['model']}): {c['rated']} of {total} reports rated ({c['reused']} ratings reused from "
+            f"{c['file']}); {c['tokens_per_report']['prompt_tokens']:.0f} prompt + "
+            f"{c['tokens_per_report']['completion_tokens']:.0f} completion tokens per report")
+    if c["failed"]:
+        line += f"\n  {c['failed']} ratings failed, left out of the means: {ids(c['failed_ids'])} ({'; '.join(c['failed_errors'])})"
+    if c["off_form"]:
+        line += f"\n  {c['off_form']} answers parsed without the six error types, left out: {ids(c['off_form_ids'])}"
+    return line

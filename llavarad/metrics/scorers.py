@@ -8,7 +8,7 @@ archive's config.json. huggingface_hub keeps them in its cache.
 
 from dataclasses import dataclass
 
-from llavarad.hub import file_url, hub_download, hub_installed
+from llavarad.hub import download_command, file_url, hub_download, hub_installed
 
 AUTO = "auto"
 RRG_SCORERS = "StanfordAIMI/RRG_scorers"
@@ -64,5 +64,6 @@ def fetch(f: HubFile) -> str:
     try:
         return str(hub_download(f.repo, f.filename, f.revision))
     except ConnectionError as e:
-        raise ValueError(f"{f.flag} auto: downloading {f.filename} from {f.repo} failed ({e}); "
-                         f"get it from {file_url(f.repo, f.filename, f.revision)} and pass its path") from None
+        raise ValueError(f"{f.flag} auto: downloading {f.filename} from {f.repo} failed ({e}); where there is a network, "
+                         f"get it ({download_command(f.repo, f.filename, f.revision)}, or {file_url(f.repo, f.filename, f.revision)}) "
+                         f"and pass its path") from None

@@ -2,12 +2,15 @@
 
 Every per-report metric and CheXbert F1 is bootstrapped over one shared draw of report indices
 (bootstrap.py), BLEU over sacrebleu's own (bleu.py). A metric whose weights were not given is
-skipped with the reason, never silently.
+skipped with the reason, never silently. CheXprompt's ratings come in made (judge.py): here they
+are summed up, over the reports whose rating is usable.
 """
 
 from llavarad.metrics.bleu import bleu_with_ci
 from llavarad.metrics.bootstrap import mean_with_ci, resample_counts, resample_indices
 from llavarad.metrics.chexbert import CONDITIONS, CONDITIONS_5, LABEL_NAMES, binarize, chexbert_labels
+from llavarad.metrics.chexprompt import METRICS as CHEXPROMPT_METRICS
+from llavarad.metrics.chexprompt import report_scores, summarize, usable
 from llavarad.metrics.f1 import classification_report, f1_with_ci
 from llavarad.metrics.rouge import rouge_l, rouge_n
 
@@ -35,6 +38,7 @@ def evaluate_reports(
     cache_dir: str | None = None,
     n_resamples: int = 500,
     seed: int = 3,
+    chexprompt: list[dict | None] | None = None,
 ) -> dict:
     """{"metrics": {name: {value, median, ci_l, ci_h}}, "breakdown": {mapping: {condition: ...}},
     "per_report": [{...}], "skipped": {name: reason}}; see report.py for how each is written."""
@@ -87,6 +91,19 @@ def evaluate_reports(
         for row, r in zip(per_report, rewards):
             row["F1-RadGraph"] = float(r)
 
-    ordered = {k: metrics[k] for k in MAIN_COLUMNS if k in metrics}
+    if chexprompt is not None:
+        summary = summarize(chexprompt, n_resamples, seed)
+        if summary:
+            metrics.update(summary)
+        else:
+            skipped["CheXprompt"] = "no usable rating: chexprompt.jsonl has each report's error; a rerun asks again"
+        for row, rating in zip(per_report, chexprompt):
+            row["chexprompt"] = rating
+            if usable(rating):
+                scores = report_scores(rating)
+                for name in ("CheXprompt-significant", "CheXprompt-insignificant"):
+                    row[name] = scores[name]
+
+    ordered = {k: metrics[k] for k in MAIN_COLUMNS + CHEXPROMPT_METRICS if k in metrics}
     return {"metrics": ordered, "breakdown": breakdown, "per_report": per_report, "skipped": skipped}
 

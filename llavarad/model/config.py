@@ -4,6 +4,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from llavarad.jsonl import read_text
+
 
 @dataclass
 class LlamaConfig:
@@ -84,6 +86,6 @@ def read_json(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from None

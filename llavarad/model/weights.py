@@ -16,7 +16,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from llavarad.errors import first_line
-from llavarad.hub import hub_download
+from llavarad.hub import download_command, hub_download
+from llavarad.jsonl import read_text
 from llavarad.model.config import TOWER_CKPT, TOWER_JSON, LlamaConfig, MultimodalConfig, read_json
 from llavarad.model.llama import Llama
 from llavarad.model.llava import LlavaRad, Projector
@@ -77,11 +78,12 @@ def resolve_folder(name: str, what: str) -> Path:
         return hub_download(name)
     except ImportError:
         raise FileNotFoundError(
-            f"{name}: no such {what} folder; download it (huggingface-cli download {name} --local-dir DIR) "
+            f"{name}: no such {what} folder; download it ({download_command(name)}) "
             f"and pass DIR, or pip install 'llavarad[hub]' to download it here"
         ) from None
     except ConnectionError as e:
-        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({e})") from None
+        raise FileNotFoundError(f"{name}: no such {what} folder, and the hub download failed ({e}); download it where "
+                                f"there is a network ({download_command(name)}) and pass DIR") from None
 
 
 def load_file(path: Path) -> dict[str, Tensor]:
@@ -297,8 +299,8 @@ def load_tower(json_path: str, checkpoint_path: str, select_layer: int = -2) -> 
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such file")
     try:
-        model_cfg = json.loads(Path(json_path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        model_cfg = json.loads(read_text(json_path))
+    except json.JSONDecodeError as e:
         raise ValueError(f"{json_path}: not a valid open_clip model json ({e})") from None
     vision_cfg = model_cfg.get("vision_cfg") if isinstance(model_cfg, dict) else None
     if not isinstance(vision_cfg, dict) or "image_size" not in vision_cfg:

@@ -1,18 +1,17 @@
-"""The FastAPI application: OpenAI chat completions (plain and SSE), models, health, metrics, the
+"""The FastAPI application: the routes and what every request passes before one. A chat completion
+is read, validated and prepared here (image -> pixels, reason -> ids, the cache-row check), then
+handed to a Completion, which owns it from submit to outcome. Also: models, health, metrics, the
 DICOM preview, per-sentence explanations (run on the decode loop's thread) and the reading-room page.
 
-Security: with an API key, everything but /health and the page's own static files answers 401
-without `Authorization: Bearer <key>` (compared in constant time). Bodies are read in chunks and
-refused with 413 as soon as they pass the limit. Images are decoded (under a pixel limit) and
+Security: the Host check, CORS and the API key are middleware (middleware.py). Bodies are read in
+chunks and refused with 413 as soon as they pass the limit. Images are decoded (under a pixel limit) and
 preprocessed in a small thread pool, never on the event loop. Logs carry ids, sizes and timings:
 never an image or a reason for exam.
 """
 
 import asyncio
-import hmac
 import io
 import json
-import queue
 import secrets
 import sys
 import time
@@ -22,27 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 from torch import Tensor
 
 from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
-from llavarad.infer.generate import Sampling, Token
+from llavarad.infer.generate import Sampling
 from llavarad.infer.images import preprocess, read_image
 from llavarad.infer.pipeline import prompt_ids
 from llavarad.model.prompt import build_question
 from llavarad.model.tokenizer import Tokenizer
+from llavarad.serve.api_error import APIError
 from llavarad.serve.chat import ChatRequest, Limits, parse_chat
 from llavarad.serve.completion import Completion
-from llavarad.serve.errors import APIError
 from llavarad.serve.explanation import ExplainRequest, explanation_body, parse_explain
+from llavarad.serve.middleware import BearerAuth, HostCheck, Outcomes
 from llavarad.serve.prometheus import Metrics
 from llavarad.serve.scheduler import Job, Scheduler
 
 STATIC = Path(__file__).parent / "static"
-_OPEN_PATHS, _OPEN_PREFIX = ("/health", "/"), "/static/"  # the page loads without the key, then asks for it
 
 
 @dataclass(frozen=True)
@@ -55,31 +54,12 @@ class ServeConfig:
     max_len: int = 2048  # cache slots per row: image slots + prompt text + new tokens
     image_workers: int = 4
     explain: bool = True  # False under --quantize int4: its kernels give no gradient
+    allowed_hosts: tuple[str, ...] | None = None  # with a tuple: Host must be a loopback name or one of these
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (CORS); none: no CORS header
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_image_bytes * 4 // 3 + 64 * 1024  # base64 image + JSON around it
-
-
-class BearerAuth:
-    """Answers 401 to any request without the right `Authorization: Bearer <key>`, except the public paths."""
-
-    def __init__(self, app: ASGIApp, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._allowed(scope):
-            error = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-            response = JSONResponse(error.body(), 401, headers={"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    def _allowed(self, scope: Scope) -> bool:
-        if scope["path"] in _OPEN_PATHS or scope["path"].startswith(_OPEN_PREFIX):
-            return True
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -116,20 +96,22 @@ class Server:
             self.images.shutdown(cancel_futures=True)
 
         app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-        if self.config.api_key:
+        if self.config.api_key:  # each add_middleware wraps the ones before: the last is the outermost
             app.add_middleware(BearerAuth, key=self.config.api_key)
+        if self.config.cors_origins:
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.config.cors_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"])
+        if self.config.allowed_hosts is not None:
+            app.add_middleware(HostCheck, allowed=self.config.allowed_hosts)
+        app.add_middleware(Outcomes, metrics=self.metrics)
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
-            if request.url.path == "/v1/chat/completions":
-                outcome = "rejected" if e.status in (429, 503) else "client_error" if e.status < 500 else "server_error"
-                self.metrics.requests.labels(outcome).inc()
-            headers = {"Retry-After": "1"} if e.status == 429 else None
-            return JSONResponse(e.body(), e.status, headers=headers)
+            return e.response()
 
         @app.exception_handler(HTTPException)
         async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-            return JSONResponse(APIError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "invalid_request").body(), e.status_code)
+            return APIError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else "invalid_request").response()
 
         app.post("/v1/chat/completions")(self.chat_completions)
         app.post("/v1/preview")(self.preview)
@@ -138,6 +120,7 @@ class Server:
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
         app.get("/")(lambda: FileResponse(STATIC / "index.html"))
+        app.get("/favicon.ico")(lambda: FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml"))
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
         return app
 
@@ -182,6 +165,8 @@ class Server:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        except RecursionError:  # [[[[...]]]]: Python's parser recurses once per level
+            raise APIError(400, "the request body is not valid JSON: it nests too deeply", "invalid_json") from None
 
     async def explain(self, request: Request) -> JSONResponse:
         """Per-sentence overlays of a report (llavarad/explain/relevance.py), computed on the decode loop's thread between
@@ -190,24 +175,20 @@ class Server:
         if not self.config.explain:
             raise APIError(400, f"explaining a report {NEEDS_GRADIENTS}: this server runs with --quantize int4 "
                                 "(restart it with --quantize int8, or without --quantize)", "explain_unavailable")
-        if not self.scheduler.alive():
-            raise APIError(503, "the model is not ready", "model_not_ready")
+        self.scheduler.check()
         req = parse_explain(await self._json_body(request), self.config.max_image_bytes)
         tokens = await self._off_loop(self._explain_tokens, req)
         image = await self._off_loop(read_image, req.image, "image_url", self.config.max_pixels)
-        try:
-            future = self.scheduler.call(lambda: explain(self.scheduler.model, self.tokenizer, image, req.reason, req.findings))
-        except queue.Full:
-            raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
-        except RuntimeError:
-            raise APIError(503, "the server is shutting down", "shutting_down") from None
+        future = self.scheduler.call(lambda: explain(self.scheduler.model, self.tokenizer, image, req.reason, req.findings))
         try:
             expl: Explanation = await asyncio.wrap_future(future)
+        except APIError:  # the server stops
+            raise
         except ValueError as e:  # the findings cannot be teacher-forced after this prompt
             raise APIError(400, str(e), "invalid_value", "findings") from None
         except Exception as e:  # the model failed
             raise APIError(500, f"the explanation failed: {type(e).__name__}", "server_error") from None
-        body = await asyncio.get_running_loop().run_in_executor(self.images, explanation_body, expl)
+        body = await asyncio.get_running_loop().run_in_executor(self.images, explanation_body, expl, self.image_size)
         print(f"explain: image {len(req.image)} B, {tokens} tokens, {len(expl.sentences)} sentences, "
               f"{time.monotonic() - start:.3f}s", file=sys.stderr)
         return JSONResponse(body)
@@ -222,8 +203,7 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         arrival = time.monotonic()
-        if not self.scheduler.alive():
-            raise APIError(503, "the model is not ready", "model_not_ready")
+        self.scheduler.check()
         chat = parse_chat(await self._json_body(request), self.limits)
         ids, pixels = await self._off_loop(self._prepare, chat)
         prompt_tokens = self.scheduler.model.positions(ids)
@@ -231,28 +211,6 @@ class Server:
             raise APIError(400, f"the prompt takes {prompt_tokens} tokens ({self.n_patches} for the image); with max_tokens "
                                 f"{chat.max_tokens} it does not fit the {self.config.max_len} positions of a cache row: "
                                 "shorten the reason for exam or lower max_tokens", "context_length_exceeded", "messages")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def deliver(item: Token | BaseException) -> None:  # called from the decode loop's thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the event loop is closed: nobody is waiting any more
-                pass
-
         seed = chat.seed if chat.seed is not None else secrets.randbits(63)
-        job = Job(ids, pixels, chat.max_tokens, Sampling(chat.temperature, chat.top_p, seed), deliver, arrival)
-        try:
-            self.scheduler.submit(job)
-        except queue.Full:
-            raise APIError(429, "the server is busy (its queue is full); retry later", "queue_full") from None
-        except RuntimeError:
-            raise APIError(503, "the server is shutting down", "shutting_down") from None
-        print(f"request {job.key}: image {len(chat.image)} B, prompt {prompt_tokens} tokens, max_tokens {chat.max_tokens}, "
-              f"{'stream' if chat.stream else 'whole'}", file=sys.stderr)
-        return Completion(job, events, chat, prompt_tokens, self.tokenizer, self.config.served_name, self.scheduler, self.finished)
-
-    def finished(self, c: Completion) -> None:
-        self.metrics.requests.labels(c.outcome).inc()
-        first = f"{c.job.first_token - c.job.arrival:.3f}s" if c.job.first_token else "-"
-        print(f"request {c.job.key}: {c.outcome}, {c.completion_tokens} tokens, first token {first}, "
-              f"total {time.monotonic() - c.job.arrival:.3f}s", file=sys.stderr)
+        job = Job(ids, pixels, chat.max_tokens, Sampling(chat.temperature, chat.top_p, seed), arrival)
+        return Completion(chat, job, prompt_tokens, self.tokenizer).submit(self.scheduler)

@@ -8,9 +8,10 @@ servers do. Nothing here opens a path or a URL: only data: URLs are accepted.
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass
 
-from llavarad.serve.errors import APIError
+from llavarad.serve.api_error import APIError
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class ChatRequest:
+    model: str  # the served name, which the answer repeats
     image: bytes  # PNG, JPEG or DICOM bytes, not yet decoded
     reason: str | None  # None: the no-reason prompt
     max_tokens: int
@@ -42,6 +44,8 @@ def _number(body: dict, name: str, default: float, low: float, high: float, low_
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(f"{name} must be a number", name, "invalid_type")
+    if not math.isfinite(value):  # NaN passes every comparison below
+        raise _invalid(f"{name} must be a finite number, got {value}", name)
     if value < low or value > high or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise _invalid(f"{name} must be in {bounds}, got {value}", name)
@@ -67,12 +71,21 @@ def _max_tokens(body: dict, cap: int) -> int:
     return value
 
 
+def check_text(value: str, field: str, param: str) -> str:
+    """JSON's "\\ud800" escape gives a lone surrogate, which no tokenizer takes: refused, as infer.py refuses it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _invalid(f"{field} holds a lone surrogate (\\u{ord(value[e.start]):04x}), not text", param) from None
+    return value
+
+
 def decode_data_url(url: object, max_bytes: int) -> bytes:
     """'data:<media type>;base64,<data>' -> the bytes; any other URL is refused without being opened."""
     if not isinstance(url, str):
         raise _invalid("image_url.url must be a string", "image_url", "invalid_type")
     if not url.startswith("data:"):
-        scheme = url.split(":", 1)[0][:20] if ":" in url else "no scheme"
+        scheme = repr(url.split(":", 1)[0][:20]) if ":" in url else "no scheme"
         raise _invalid(f"image_url must be a base64 data: URL (got {scheme}); this server never fetches a URL or opens a path", "image_url")
     header, sep, data = url.partition(",")
     if not sep or not header.endswith(";base64"):
@@ -113,6 +126,8 @@ def _content(messages: object) -> tuple[object, str | None]:
     text = texts[0].get("text") if texts else None
     if text is not None and not isinstance(text, str):
         raise _invalid("a text part's text must be a string", "messages", "invalid_type")
+    if text is not None:
+        check_text(text, f"messages[0].content[{parts.index(texts[0])}].text", "messages")
     return url, text
 
 
@@ -139,6 +154,7 @@ def parse_chat(body: object, limits: Limits) -> ChatRequest:
         if not -(2**63) <= seed < 2**63:
             raise _invalid("seed must fit in 64 bits", "seed")
     return ChatRequest(
+        model=model,
         image=decode_data_url(url, limits.max_image_bytes),
         reason=text if text and text.strip() else None,
         max_tokens=_max_tokens(body, limits.max_new_tokens),

@@ -1,21 +1,23 @@
-"""One chat completion as an ASGI response: the job's tokens turned into text and sent as SSE chunks
-in OpenAI's format (ending with `data: [DONE]`) or as one JSON body. While it waits it watches the
-connection, so a client that goes away cancels its job and frees the cache row at once."""
+"""One chat completion from submit to outcome: the job goes into the engine's queue, its tokens come
+back as text and leave as SSE chunks in OpenAI's format (ending with `data: [DONE]`) or as one JSON
+body, a client that goes away cancels the job (freeing its cache row at once), and the outcome is
+logged and left in the request's scope["state"] for /metrics' count (middleware.Outcomes). What may
+enter: a validated ChatRequest and the Job made from it; nothing here calls back into the app."""
 
 import asyncio
 import json
 import secrets
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from llavarad.infer.generate import Token
 from llavarad.model.tokenizer import Tokenizer
+from llavarad.serve.api_error import APIError, outcome_of
 from llavarad.serve.chat import ChatRequest
-from llavarad.serve.errors import APIError
-from llavarad.serve.scheduler import Job, Scheduler
+from llavarad.serve.scheduler import Cancelled, Job, Scheduler
 from llavarad.serve.stream import TextStream
 
 
@@ -24,17 +26,21 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 class Completion(Response):
-    """Runs one job to its end as the response: SSE chunks or one JSON body. Watches the connection
-    while it waits, so a client that goes away frees its row at once."""
+    """submit() puts the job in the queue; the ASGI call then runs it to its end as the response."""
 
-    def __init__(self, job: Job, events: asyncio.Queue, chat: ChatRequest, prompt_tokens: int, tokenizer: Tokenizer,
-                 model_name: str, scheduler: Scheduler, on_end: Callable[["Completion"], None]):
+    def __init__(self, chat: ChatRequest, job: Job, prompt_tokens: int, tokenizer: Tokenizer):
         super().__init__()
-        self.job, self.events, self.chat, self.prompt_tokens = job, events, chat, prompt_tokens
-        self.model_name, self.scheduler, self.on_end = model_name, scheduler, on_end
+        self.chat, self.job, self.prompt_tokens = chat, job, prompt_tokens
         self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         self.text = TextStream(tokenizer)
-        self.outcome, self.completion_tokens = "cancelled", 0  # what on_end reports
+        self.outcome, self.completion_tokens = "cancelled", 0
+
+    def submit(self, scheduler: Scheduler) -> "Completion":
+        """Queue the job; raises the scheduler's APIError (429 queue full, 503 not running)."""
+        scheduler.submit(self.job)
+        print(f"request {self.job.key}: image {len(self.chat.image)} B, prompt {self.prompt_tokens} tokens, "
+              f"max_tokens {self.chat.max_tokens}, {'stream' if self.chat.stream else 'whole'}", file=sys.stderr)
+        return self
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.create_task(self._watch(receive))
@@ -47,21 +53,25 @@ class Completion(Response):
             pass
         finally:
             watcher.cancel()
-            self.scheduler.cancel(self.job)  # no-op for a job that ended
-            self.on_end(self)
+            self.job.cancel()  # frees the row of a job that is still running; nothing for one that ended
+            scope.setdefault("state", {})["outcome"] = self.outcome
+            self._log()
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.events.put_nowait(ConnectionAbortedError("client disconnected"))
+        self.job.cancel()
+
+    def _log(self) -> None:
+        job = self.job
+        first = f"{job.first_token - job.arrival:.3f}s" if job.first_token else "-"
+        print(f"request {job.key}: {self.outcome}, {self.completion_tokens} tokens, first token {first}, "
+              f"total {time.monotonic() - job.arrival:.3f}s", file=sys.stderr)
 
     async def _pieces(self) -> AsyncIterator[tuple[str, str | None]]:
         """(new text, finish reason or None) per token, until the job ends."""
         while True:
-            item = await self.events.get()
-            if isinstance(item, BaseException):
-                raise item
-            token: Token = item
+            token = await self.job.next()
             self.completion_tokens += 1
             if token.finish is None:
                 yield self.text.push(token.id), None
@@ -70,27 +80,31 @@ class Completion(Response):
                 yield piece + self.text.finish(), token.finish
                 return
 
+    def _failed(self, e: Exception) -> APIError:
+        """What ended the job (the model failed, the server stops) as the client's error."""
+        error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error")
+        self.outcome = outcome_of(error.status)
+        return error
+
     async def _whole(self, scope: Scope, send: Send) -> None:
         try:
             text, finish = "", None
             async for piece, finish in self._pieces():
                 text += piece
-        except ConnectionAbortedError:
+        except Cancelled:
             return
         except Exception as e:
-            self.outcome = "server_error"
-            error = APIError(500, f"generation failed: {e}", "server_error")
-            return await JSONResponse(error.body(), 500)(scope, None, send)
+            return await self._failed(e).response()(scope, None, send)
         self.outcome = "ok"
         body = {
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.chat.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}],
             "usage": _usage(self.prompt_tokens, self.completion_tokens),
         }
         await JSONResponse(body)(scope, None, send)
 
     def _chunk(self, delta: dict, finish: str | None) -> bytes:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.chat.model,
                  "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return _event(chunk)
 
@@ -105,16 +119,15 @@ class Completion(Response):
                     await body(self._chunk({"content": piece}, None))
                 if finish is not None:
                     await body(self._chunk({}, finish))
-        except ConnectionAbortedError:
+        except Cancelled:
             return
         except Exception as e:  # headers are sent: the error goes into the stream, as OpenAI does
-            self.outcome = "server_error"
-            await body(_event(APIError(500, f"generation failed: {e}", "server_error").body()))
+            await body(_event(self._failed(e).body()))
         else:
             self.outcome = "ok"
             if self.chat.include_usage:
                 usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                         "model": self.model_name, "choices": [],
+                         "model": self.chat.model, "choices": [],
                          "usage": _usage(self.prompt_tokens, self.completion_tokens)}
                 await body(_event(usage))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})

@@ -1,10 +1,9 @@
 // The reading-room page: pick an image, type a reason, stream the findings from /v1/chat/completions,
-// then ask /v1/explain for each sentence's map: pointing at a sentence shows its overlay in place of the picture.
+// then ask /v1/explain for each sentence's map: pointing at a sentence draws its map over the picture, leaving fades it.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let image = null; // {name, dataUrl}
 let controller = null; // aborts the request in flight
-let pictureUrl = null; // what the preview shows when no sentence is pointed at
 
 function apiHeaders(extra) {
   const headers = Object.assign({}, extra || {});
@@ -36,7 +35,6 @@ function readAsDataUrl(file) {
 }
 
 function showPicture(url) {
-  pictureUrl = url;
   $("preview").src = url;
   $("preview").hidden = false;
   $("drop-hint").hidden = true;
@@ -58,11 +56,23 @@ function showPreview(file) {
   showPicture(URL.createObjectURL(file));
 }
 
+function sizeText(bytes) {
+  if (bytes < 1024) return bytes + " B";
+  if (bytes < 1024 * 1024) return (bytes / 1024).toFixed(1) + " KiB";
+  return (bytes / 1024 / 1024).toFixed(1) + " MiB";
+}
+
+function hideMap() {
+  $("map").classList.remove("shown");
+  $("map").removeAttribute("src");
+}
+
 async function pick(file) {
   if (!file) return;
   showError("");
+  hideMap();
   image = { name: file.name, dataUrl: await readAsDataUrl(file) };
-  $("file-name").textContent = file.name + " (" + Math.round(file.size / 1024) + " KiB)";
+  $("file-name").textContent = file.name + " (" + sizeText(file.size) + ")";
   $("generate").disabled = false;
   showPreview(file);
 }
@@ -88,6 +98,7 @@ async function* events(response) {
 async function generate() {
   if (!image) return;
   showError("");
+  hideMap();
   $("findings").textContent = "";
   $("stats").textContent = "";
   $("explain-note").hidden = true;
@@ -135,6 +146,7 @@ async function generate() {
 }
 
 // Per-sentence maps of the finished report; dropped if another image or report took its place meanwhile.
+// Each map is a transparent PNG of the picture's shape, laid over the picture in the same box.
 async function explainReport(dataUrl, reason, findings) {
   $("explain-note").hidden = false;
   $("explain-status").textContent = "Computing the maps…";
@@ -163,8 +175,8 @@ function showSentences(explanation) {
     const span = document.createElement("span");
     span.className = "sentence";
     span.textContent = text.slice(s.start, s.end);
-    span.addEventListener("mouseenter", () => { $("preview").src = s.overlay; });
-    span.addEventListener("mouseleave", () => { $("preview").src = pictureUrl; });
+    span.addEventListener("mouseenter", () => { $("map").src = s.map; $("map").classList.add("shown"); });
+    span.addEventListener("mouseleave", () => $("map").classList.remove("shown")); // fades (style.css)
     box.append(span);
     at = s.end;
   }
