@@ -235,6 +235,8 @@ def try_commands(root: Path) -> str:
         f"python train.py --stage lora --config configs/lora.toml {train} --projector {run}/pretrain/mm_projector.bin "
         f"--output {run}/lora",
         f"python infer.py {d}/images/cxr1.png --model {run}/lora --base {d}/base",
+        f"python -m llavarad.export {models} --quantize int8 --output {d}/export-int8",
+        f"python infer.py {d}/images/cxr0.png --reason 'Cough.' --model {d}/export-int8",
     ])
 
 

@@ -1,6 +1,7 @@
 """`python -m llavarad.demo DIR`: the folders are in the real layouts (transformers, peft and timm read
 them and compute what our loader computes), and every command it prints runs: infer.py on one image
-and on the query file, evaluate.py, both training stages, infer.py on the trained release."""
+and on the query file, evaluate.py, both training stages, infer.py on the trained release, an int8
+export and infer.py on it."""
 
 import json
 import shlex
@@ -20,11 +21,12 @@ import infer
 import train
 from llavarad.demo import TINY_TOWER, try_commands
 from llavarad.demo import main as demo_main
+from llavarad.export import main as export_main
 from llavarad.model.weights import load_tower
 from llavarad.model.weights import load_llavarad
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = {"infer.py": infer.main, "evaluate.py": evaluate.main, "train.py": train.main}
+PROGRAMS = {"infer.py": infer.main, "evaluate.py": evaluate.main, "train.py": train.main, "llavarad.export": export_main}
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +72,14 @@ def test_tower_checkpoint_loads_in_timm_as_in_ours(demo):
 def test_every_printed_command_runs(demo, capsys, monkeypatch):
     root, commands = demo
     monkeypatch.chdir(ROOT)  # the commands name configs/*.toml relative to the repository
-    assert [c[1] for c in commands] == ["infer.py", "infer.py", "evaluate.py", "train.py", "train.py", "infer.py"]
+    programs = [c[2] if c[1] == "-m" else c[1] for c in commands]  # python -m MODULE or python SCRIPT
+    assert programs == ["infer.py", "infer.py", "evaluate.py", "train.py", "train.py", "infer.py", "llavarad.export", "infer.py"]
     outputs = []
-    for command in commands:
+    for program, command in zip(programs, commands):
         faster = ["--max-new-tokens", "16", "--workers", "0"] if "--query-file" in command else ["--max-new-tokens", "16"]
-        argv = command[2:] + (faster if command[1] == "infer.py" else [])  # the last of a repeated flag wins
+        argv = command[command.index(program) + 1 :] + (faster if program == "infer.py" else [])  # the last of a repeated flag wins
         capsys.readouterr()
-        assert PROGRAMS[command[1]](argv) == 0, (command, capsys.readouterr().err)
+        assert PROGRAMS[program](argv) == 0, (command, capsys.readouterr().err)
         outputs.append(capsys.readouterr().out)
     assert outputs[0].strip() and outputs[-1].strip()  # one findings text each (random words)
     predictions = [json.loads(line) for line in (root / "preds.jsonl").read_text().splitlines()]
@@ -101,7 +104,7 @@ def test_readme_shows_the_commands_the_demo_prints():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Try it without the weights")[1].split("\n## ")[0]
     lines = section.replace("\\\n", " ").splitlines()
-    shown = [" ".join(line.split()) for line in lines if line.strip().startswith(("python infer.py", "python evaluate.py", "python train.py"))]
+    shown = [" ".join(line.split()) for line in lines if line.strip().startswith(("python infer.py", "python evaluate.py", "python train.py", "python -m llavarad.export"))]
     assert shown == try_commands(Path("demo")).splitlines()
 
 
