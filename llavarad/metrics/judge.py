@@ -231,6 +231,7 @@ def rate_reports(ids: list, references: list[str], candidates: list[str], settin
     earlier = reusable(read_ratings(path), judge_id)
     pairs = list(zip(references, candidates))
     todo = [p for p in dict.fromkeys(pairs) if p not in earlier]
+    reused = sum(p in earlier for p in pairs)
     first_id = {}
     for i, p in zip(ids, pairs):
         first_id.setdefault(p, i)
@@ -239,7 +240,6 @@ def rate_reports(ids: list, references: list[str], candidates: list[str], settin
     if todo:
         bar = tqdm(total=len(todo), desc="CheXprompt", unit="report", file=sys.stderr, disable=None)
         judge = Judge(settings, make_client(settings), lambda text: bar.write(text, file=sys.stderr))
-        reused = sum(p in earlier for p in pairs)
         note = f" as {len(todo)} pairs (a repeated pair once)" if len(todo) < len(pairs) - reused else ""
         note += f"; {reused} ratings reused from {path}" if reused else ""
         bar.write(f"CheXprompt: sending the reference and generated findings of {len(pairs) - reused} reports to "
@@ -266,5 +266,5 @@ def rate_reports(ids: list, references: list[str], candidates: list[str], settin
     by_pair = {**earlier, **new}
     lines = [{**by_pair[p], "id": i} for i, p in zip(ids, pairs)]
     rewrite(path, lines)
-    return RatingRun(lines, len(todo), sum(p in earlier for p in pairs), judge.requests if judge else 0,
+    return RatingRun(lines, len(todo), reused, judge.requests if judge else 0,
                      judge.host if judge else None)
