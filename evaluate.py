@@ -14,6 +14,7 @@ import sys
 from llavarad.metrics.chexprompt import SAMPLING, usable
 from llavarad.metrics.inputs import read_predictions
 from llavarad.metrics.judge import JudgeSettings, JudgeStopped, RatingRun, rate_reports
+from llavarad.metrics.ratings import FILE as RATINGS_FILE
 from llavarad.metrics.report import format_table, write_outputs
 from llavarad.metrics.scorers import resolve_auto
 from llavarad.metrics.suite import evaluate_reports
@@ -95,7 +96,7 @@ def chexprompt_records(run: RatingRun, settings: JudgeSettings) -> dict:
     off_form = [x for x in run.lines if x["rating"] is not None and not usable(x["rating"])]
     usage = {k: sum(x["usage"][k] for x in run.lines) for k in ("requests", "prompt_tokens", "completion_tokens")}
     return {
-        "judge": settings.fingerprint(), "sent_to": run.host, "file": "chexprompt.jsonl",
+        "judge": settings.fingerprint(), "sent_to": run.host, "file": RATINGS_FILE,
         "rated": len(run.lines) - len(failed) - len(off_form), "failed": len(failed),
         "failed_ids": [x["id"] for x in failed], "failed_errors": sorted({x["error"] for x in failed}),
         "off_form": len(off_form), "off_form_ids": [x["id"] for x in off_form],
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(args.output_dir, results, header, base)
     print(format_table(results, header))
     breakdowns = " and breakdown_p.csv, breakdown_n.csv" if results["breakdown"] else ""  # CheXbert's, when it ran
-    ratings = ", chexprompt.jsonl" if run else ""
+    ratings = f", {RATINGS_FILE}" if run else ""
     print(f"\nWrote metrics.json, main.csv, per_report.jsonl{breakdowns}{ratings} to {args.output_dir}")
     return 0
 
