@@ -176,3 +176,13 @@ def test_split_is_for_chexpert_plus_only(capsys):
     with pytest.raises(SystemExit) as e:
         infer.parse_args(["--query-file", "q.json", "--output", "o.jsonl", "--split", "valid"])
     assert e.value.code == 2 and "--split goes with --loader chexpert_plus" in capsys.readouterr().err
+
+
+def test_a_csv_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM; the first column (here path_to_image, without
+    pandas' index column) keeps its name."""
+    rows = [chexpert_row(*r)[1:] for r in CHEXPERT]
+    plain = write_csv(tmp_path / "plain.csv", CHEXPERT_COLUMNS[1:], rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert [r.id for r in load_test_set(bom, "chexpert_plus")] == [r.id for r in load_test_set(plain, "chexpert_plus")]
