@@ -60,23 +60,29 @@ def positive_heat(grid: np.ndarray, w: int, h: int, size: int, out_w: int, out_h
     return grid_to_image(positive / peak if peak > 0 else positive, w, h, size, out_w, out_h)
 
 
+def _heat(grid: np.ndarray, w: int, h: int, size: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """(scale, heat (H, W, 1) in [0, 1], its colour (H, W, 3)): `grid` over a w x h image at drawn_size()."""
+    scale, out_w, out_h = drawn_size(w, h)
+    heat = positive_heat(grid, w, h, size, out_w, out_h)
+    return scale, heat[..., None], colorize(heat)
+
+
 def layer(grid: np.ndarray, w: int, h: int, size: int) -> Image.Image:
     """The map alone (RGBA, no caption), at the size render() draws the X-ray: the colour, with alpha
     OPACITY x heat, so that laid over the picture (the server's page does) it blends as render() does."""
-    _, out_w, out_h = drawn_size(w, h)
-    heat = positive_heat(grid, w, h, size, out_w, out_h)[..., None]  # (H, W, 1)
-    return Image.fromarray(np.uint8(np.clip(np.concatenate([colorize(heat[..., 0]), 255 * OPACITY * heat], axis=-1), 0, 255)), "RGBA")
+    _, heat, colour = _heat(grid, w, h, size)
+    return Image.fromarray(np.uint8(np.clip(np.concatenate([colour, 255 * OPACITY * heat], axis=-1), 0, 255)), "RGBA")
 
 
 def render(image: Image.Image, grid: np.ndarray, caption: str, size: int) -> Image.Image:
     """The X-ray with `grid` (g, g) blended in (its positive part, scaled to its maximum), the crop
     outlined, a colour scale on the right and the caption below."""
     w, h = image.size
-    scale, out_w, out_h = drawn_size(w, h)
+    scale, heat, colour = _heat(grid, w, h, size)
+    out_h, out_w = heat.shape[:2]
     base = np.asarray(image.convert("L").resize((out_w, out_h), Image.Resampling.BILINEAR), np.float32)[..., None]
-    heat = positive_heat(grid, w, h, size, out_w, out_h)[..., None]  # (H, W, 1)
     alpha = OPACITY * heat
-    blended = Image.fromarray(np.uint8(np.clip(base * (1 - alpha) + colorize(heat[..., 0]) * alpha, 0, 255)))
+    blended = Image.fromarray(np.uint8(np.clip(base * (1 - alpha) + colour * alpha, 0, 255)))
 
     font = ImageFont.load_default(size=max(12, out_w // 50))
     line_h = font.getbbox("Ag")[3] + 4
