@@ -176,6 +176,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.mode, self.in_features, self.out_features, self.group = mode, in_features, out_features, group
         self.kernel = kernel  # "int8", "int4_cpu", "int4_cuda", or None: dequantize then matmul
+        self.tiles64 = kernel == "int4_cpu" and _cpu_reads_tiles()  # the kernel's int4 layout unpacks: decided once
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
 
@@ -248,7 +249,7 @@ class QuantLinear(nn.Module):
             return self.weight * self.scales[:, None]  # int8 x dtype -> dtype, computed in float32
         if self.kernel is None:
             q = unpack_nibbles(self.weight)
-        elif self.kernel == "int4_cpu" and _cpu_reads_tiles():
+        elif self.tiles64:
             return dequantize_tiles(self.weight, self.scales, dtype)
         else:
             raise NotImplementedError("int4 weights packed for the CUDA kernel have no gradient path; "
@@ -257,7 +258,7 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (M, K) in the activation dtype -> (M, N)."""
-        if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.kernel == "int4_cpu" and _cpu_reads_tiles()):
+        if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.tiles64):
             return F.linear(x, self.dequantized())  # the weight in `dtype` only for this call
         if self.kernel == "int8":
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
