@@ -198,9 +198,7 @@ class QuantLinear(nn.Module):
         q, sz = quantize_int4(w, group, dtype)
         if trainable_input:
             return cls(pack_nibbles(q), sz, mode, K, N, group, None)
-        kernel = "int4_cuda" if w.device.type == "cuda" else "int4_cpu"
-        packed = _pack_int4(q, kernel)
-        return cls._checked(packed if packed is not None else pack_nibbles(q), sz, mode, K, N, group, kernel, plain=q)
+        return cls._packed_int4(q, sz, group)
 
     @classmethod
     def from_stored(cls, weight: Tensor, scales: Tensor, mode: str, device: torch.device | str,
@@ -219,10 +217,15 @@ class QuantLinear(nn.Module):
         group = K // scales.shape[0]
         if device.type == "cpu" and _cpu_reads_tiles():
             return cls._checked(weight, scales, mode, K, N, group, "int4_cpu")
-        q = untile_int4(weight.to(device)).to(torch.int32)
-        kernel = "int4_cuda" if device.type == "cuda" else "int4_cpu"
+        return cls._packed_int4(untile_int4(weight.to(device)).to(torch.int32), scales, group)
+
+    @classmethod
+    def _packed_int4(cls, q: Tensor, scales: Tensor, group: int) -> "QuantLinear":
+        """q (N, K) int32 0..15 on its device -> the layer with the device's int4 kernel (or the fallback)."""
+        kernel = "int4_cuda" if q.device.type == "cuda" else "int4_cpu"
         packed = _pack_int4(q, kernel)
-        return cls._checked(packed if packed is not None else pack_nibbles(q), scales, mode, K, N, group, kernel, plain=q)
+        N, K = q.shape
+        return cls._checked(packed if packed is not None else pack_nibbles(q), scales, "int4", K, N, group, kernel, plain=q)
 
     @classmethod
     def _checked(cls, weight: Tensor, scales: Tensor, mode: str, K: int, N: int, group: int, kernel: str,
