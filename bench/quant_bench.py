@@ -124,6 +124,14 @@ def write_tokenizer(path: Path, pieces: int) -> None:
     path.write_bytes(model.SerializeToString())
 
 
+def block_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """One decoder block's 7 linear layers: {module under the block: (out, in)}."""
+    kv = cfg.n_kv_heads * cfg.head_dim
+    return {"attn.q_proj": (cfg.dim, cfg.dim), "attn.k_proj": (kv, cfg.dim), "attn.v_proj": (kv, cfg.dim),
+            "attn.o_proj": (cfg.dim, cfg.dim), "mlp.gate_proj": (cfg.hidden_dim, cfg.dim),
+            "mlp.up_proj": (cfg.hidden_dim, cfg.dim), "mlp.down_proj": (cfg.dim, cfg.hidden_dim)}
+
+
 def write_random_release(base: Path, tiny: bool) -> Path:
     """base/release: a random tower (the release's shape; tiny: the demo's), projector and LoRA adapter,
     saved by the training code's writer; kept for later runs."""
@@ -134,13 +142,9 @@ def write_random_release(base: Path, tiny: bool) -> Path:
     tower = write_tower(folder, cfg=TINY_TOWER if tiny else VisionConfig())
     g = torch.Generator().manual_seed(3)
     projector = {k: v.detach() for k, v in Projector(tower.cfg.width, cfg.dim).state_dict().items()}
-    kv = cfg.n_kv_heads * cfg.head_dim
-    shapes = {"attn.q_proj": (cfg.dim, cfg.dim), "attn.k_proj": (kv, cfg.dim), "attn.v_proj": (kv, cfg.dim),
-              "attn.o_proj": (cfg.dim, cfg.dim), "mlp.gate_proj": (cfg.hidden_dim, cfg.dim),
-              "mlp.up_proj": (cfg.hidden_dim, cfg.dim), "mlp.down_proj": (cfg.dim, cfg.hidden_dim)}
     adapter = {}
     for i in range(cfg.n_layers):
-        for module, (n, k) in shapes.items():
+        for module, (n, k) in block_shapes(cfg).items():
             adapter[f"layers.{i}.{module}.lora_A"] = torch.randn(BENCH_LORA.r, k, generator=g) * 0.01
             adapter[f"layers.{i}.{module}.lora_B"] = torch.randn(n, BENCH_LORA.r, generator=g) * 0.01
     save_lora_release(folder, projector, adapter, BENCH_LORA, base, "lmsys/vicuna-7b-v1.5", folder)
@@ -253,10 +257,8 @@ def kernel_rows(cfg: LlamaConfig, repeats: int = 15) -> list[dict]:
     """One block's 7 weight matrices, and lm_head, at batch 1 in bf16, int8 and int4: bytes and the
     median time per token. The formats take turns within each repeat, so a busy neighbour slows them
     alike: the ratios hold even when the full-model rows, minutes apart, saw different loads."""
-    g, kv = torch.Generator().manual_seed(2), cfg.n_kv_heads * cfg.head_dim
-    parts = {"block": [(cfg.dim, cfg.dim), (kv, cfg.dim), (kv, cfg.dim), (cfg.dim, cfg.dim),
-                       (cfg.hidden_dim, cfg.dim), (cfg.hidden_dim, cfg.dim), (cfg.dim, cfg.hidden_dim)],
-             "lm_head": [(cfg.vocab_size, cfg.dim)]}
+    g = torch.Generator().manual_seed(2)
+    parts = {"block": list(block_shapes(cfg).values()), "lm_head": [(cfg.vocab_size, cfg.dim)]}
     rows = []
     for part, shapes in parts.items():
         ws = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in shapes]
@@ -281,10 +283,8 @@ def prefill_kernel_rows(cfg: LlamaConfig, prompts: list[int], repeats: int = 3) 
     """One block's 7 weight matrices at each prompt length: bf16's matmul, the int8 / int4 packed
     kernels, and the int8 / int4 layers as they run (from DENSE_ROWS rows: dequantized, then the
     dense matmul), taking turns; the median seconds. x 32 blocks ~ a prefill's linear layers."""
-    g, kv = torch.Generator().manual_seed(2), cfg.n_kv_heads * cfg.head_dim
-    shapes = [(cfg.dim, cfg.dim), (kv, cfg.dim), (kv, cfg.dim), (cfg.dim, cfg.dim),
-              (cfg.hidden_dim, cfg.dim), (cfg.hidden_dim, cfg.dim), (cfg.dim, cfg.hidden_dim)]
-    ws = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in shapes]
+    g = torch.Generator().manual_seed(2)
+    ws = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in block_shapes(cfg).values()]
     q = {m: [QuantLinear.from_float(w, m, torch.bfloat16, "cpu") for w in ws] for m in ("int8", "int4")}
     fns = {"bf16": [lambda x, w=w: F.linear(x, w) for w in ws],
            "int8 packed kernel": [lambda x, l=l: torch._weight_int8pack_mm(x, l.weight, l.scales) for l in q["int8"]],

@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch import Tensor
 
@@ -33,8 +32,8 @@ from llavarad.model.llava import LlavaRad, Projector
 from llavarad.model.quant import MODES, QUANTIZED, QuantLinear, int4_group, quantize_int4, quantize_int8, tile_int4
 from llavarad.model.tokenizer import Tokenizer
 from llavarad.model.vision import VisionConfig, VisionTower
-from llavarad.model.weights import (load_adapter, load_projector, load_tower, locate_tower, merged_decoder, release_file,
-                                    resolve_folder)
+from llavarad.model.weights import (load_adapter, load_file, load_projector, load_tower, locate_tower, merged_decoder,
+                                    release_file, resolve_folder)
 
 FORMAT, VERSION, MANIFEST = "llavarad-export", 1, "manifest.json"
 SHARD_BYTES = 2 * 10**9
@@ -183,7 +182,7 @@ def load_export(folder: str | Path, device: str | torch.device, dtype: torch.dty
     sd: dict[str, Tensor] = {}
     for name in manifest["decoder"]:
         path = folder / name
-        tensors = _read(path)
+        tensors = load_file(path)
         for key, t in tensors.items():
             module, leaf = key.rsplit(".", 1)
             if quantize and module.split(".")[-1] in QUANTIZED:
@@ -218,7 +217,7 @@ def load_export(folder: str | Path, device: str | torch.device, dtype: torch.dty
         projector = Projector(mm.mm_hidden_size, llm.cfg.dim)
     for module, name in ((tower, "tower.safetensors"), (projector, "projector.safetensors")):
         want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        got = _read(folder / name)
+        got = load_file(folder / name)
         for k, shape in want.items():
             if k not in got or tuple(got[k].shape) != shape:
                 found = tuple(got[k].shape) if k in got else "missing"
@@ -251,15 +250,6 @@ def _checked_manifest(folder: Path) -> dict:
         if path.stat().st_size != size:
             raise ValueError(f"{path}: {path.stat().st_size} bytes, the manifest says {size} (truncated or changed; export again)")
     return manifest
-
-
-def _read(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a safetensors file, memory-mapped (no copy)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # a damaged header or data: safetensors raises several types
-        raise ValueError(f"{path}: cannot read ({first_line(e)})") from None
 
 
 def _stored_shapes_ok(mode: str, w: Tensor, scales: Tensor, N: int, K: int) -> bool:

@@ -176,6 +176,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.mode, self.in_features, self.out_features, self.group = mode, in_features, out_features, group
         self.kernel = kernel  # "int8", "int4_cpu", "int4_cuda", or None: dequantize then matmul
+        self.tiles64 = kernel == "int4_cpu" and _cpu_reads_tiles()  # the kernel's int4 layout unpacks: decided once
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
 
@@ -197,9 +198,7 @@ class QuantLinear(nn.Module):
         q, sz = quantize_int4(w, group, dtype)
         if trainable_input:
             return cls(pack_nibbles(q), sz, mode, K, N, group, None)
-        kernel = "int4_cuda" if w.device.type == "cuda" else "int4_cpu"
-        packed = _pack_int4(q, kernel)
-        return cls._checked(packed if packed is not None else pack_nibbles(q), sz, mode, K, N, group, kernel, plain=q)
+        return cls._packed_int4(q, sz, group)
 
     @classmethod
     def from_stored(cls, weight: Tensor, scales: Tensor, mode: str, device: torch.device | str,
@@ -218,10 +217,15 @@ class QuantLinear(nn.Module):
         group = K // scales.shape[0]
         if device.type == "cpu" and _cpu_reads_tiles():
             return cls._checked(weight, scales, mode, K, N, group, "int4_cpu")
-        q = untile_int4(weight.to(device)).to(torch.int32)
-        kernel = "int4_cuda" if device.type == "cuda" else "int4_cpu"
+        return cls._packed_int4(untile_int4(weight.to(device)).to(torch.int32), scales, group)
+
+    @classmethod
+    def _packed_int4(cls, q: Tensor, scales: Tensor, group: int) -> "QuantLinear":
+        """q (N, K) int32 0..15 on its device -> the layer with the device's int4 kernel (or the fallback)."""
+        kernel = "int4_cuda" if q.device.type == "cuda" else "int4_cpu"
         packed = _pack_int4(q, kernel)
-        return cls._checked(packed if packed is not None else pack_nibbles(q), scales, mode, K, N, group, kernel, plain=q)
+        N, K = q.shape
+        return cls._checked(packed if packed is not None else pack_nibbles(q), scales, "int4", K, N, group, kernel, plain=q)
 
     @classmethod
     def _checked(cls, weight: Tensor, scales: Tensor, mode: str, K: int, N: int, group: int, kernel: str,
@@ -248,7 +252,7 @@ class QuantLinear(nn.Module):
             return self.weight * self.scales[:, None]  # int8 x dtype -> dtype, computed in float32
         if self.kernel is None:
             q = unpack_nibbles(self.weight)
-        elif self.kernel == "int4_cpu" and _cpu_reads_tiles():
+        elif self.tiles64:
             return dequantize_tiles(self.weight, self.scales, dtype)
         else:
             raise NotImplementedError("int4 weights packed for the CUDA kernel have no gradient path; "
@@ -257,7 +261,7 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (M, K) in the activation dtype -> (M, N)."""
-        if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.kernel == "int4_cpu" and _cpu_reads_tiles()):
+        if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.tiles64):
             return F.linear(x, self.dequantized())  # the weight in `dtype` only for this call
         if self.kernel == "int8":
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
