@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from llavarad.model import quant
-from llavarad.model.quant import (DENSE_ROWS, QuantLinear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, tile_int4,
-                                  unpack_nibbles, untile_int4)
+from llavarad.model.quant import (DENSE_ROWS, QuantLinear, dequantize_int4, dequantize_int8, dequantize_tiles, quantize_int4, quantize_int8,
+                                  tile_int4, unpack_nibbles, untile_int4)
 
 SHAPES = [(64, 256, 128), (160, 64, 64), (32, 384, 128), (40, 96, 32)]  # (out, in, group); 40: no int4 CPU kernel (N % 16)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -137,6 +137,27 @@ def test_long_inputs_dequantize_then_match_the_kernel(shape, mode, dtype):
         torch.testing.assert_close(layer.matmul(x), kernel(x), **tol)
         if rows < DENSE_ROWS:
             assert torch.equal(layer.matmul(x), kernel(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 256, 128), (192, 128, 64), (4096, 512, 128), (160, 64, 32), (48, 128, 128)])
+def test_tiles_dequantize_as_the_plain_codes(shape, dtype):
+    """The long-input path's unpacking of tiles64 (whole tiles, and a last tile of 32 rows or a
+    lone one of 48) equals dequantizing the plain codes: bf16 bit for bit, float32 within one
+    rounding of the product; also when built in a reused, larger buffer, and the int8 layer's too."""
+    N, K, group = shape
+    g = torch.Generator().manual_seed(N + K)
+    q, sz = quantize_int4(torch.randn(N, K, generator=g) * 0.02, group, dtype)
+    want = dequantize_int4(q, sz).to(dtype)
+    buf = torch.full((N * K + 64,), float("nan"), dtype=dtype)
+    for out in (None, buf[: N * K]):
+        got = dequantize_tiles(tile_int4(q), sz, dtype, out)
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-9)
+    layer = QuantLinear.from_float(torch.randn(N, K, generator=g), "int8", dtype, "cpu")
+    assert torch.equal(layer.dequantized(buf[: N * K]), layer.weight * layer.scales[:, None])
 
 
 def test_tiles64_is_the_cpu_kernels_layout_and_stored_layers_equal_quantized_ones():
