@@ -309,16 +309,23 @@ def table(results: list[dict]) -> str:
     lines = ["| row | decoder GB | peak RSS GB (anon) while loading | load s | tower s | prompt | prefill s | decode tok/s | "
              "x bf16 | tokens = bf16 | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        # the export rows run the release (LoRA merged): their tokens are compared with "export bf16"'s
-        ref = next((b for b in results if b["row"] == ("export bf16" if r["row"].startswith("export") else "bf16")
-                    and b["prompt"] == r["prompt"]), None) or next((b for b in results if b["prompt"] == r["prompt"]), r)
-        same = next((i for i, (a, b) in enumerate(zip(r["tokens"], ref["tokens"])) if a != b), len(r["tokens"]))
-        same = "" if r["row"].startswith("llama.cpp") else f"first {same} of {len(r['tokens'])}"  # token ids, not embeddings
+        def first(*names):
+            return next((b for b in results if b["row"] in names and b["prompt"] == r["prompt"]), None)
+        # speed against a bf16 decoder of the same shape; tokens against the same weights in bf16 (the
+        # export rows run the release, LoRA merged: "export bf16"); blank where that row did not run
+        speed = first("bf16", "export bf16")
+        same_model = first("export bf16" if r["row"].startswith("export") else "bf16")
+        if same_model is None or r["row"].startswith("llama.cpp"):  # llama.cpp: token ids, not embeddings
+            same = ""
+        else:
+            n = next((i for i, (a, b) in enumerate(zip(r["tokens"], same_model["tokens"])) if a != b), len(r["tokens"]))
+            same = f"first {n} of {len(r['tokens'])}"
+        ratio = "" if speed is None else f"{r['decode_tok_s'] / speed['decode_tok_s']:.2f}"
         tower = "" if r.get("tower_s") is None else f"{r['tower_s']:.1f}"
-        lines.append(f"| {r['row']} | {r['decoder_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} ({r['peak_anon_bytes'] / 1e9:.2f}) | "
+        memory = f"{r['peak_rss_bytes'] / 1e9:.2f} ({r['peak_anon_bytes'] / 1e9:.2f})" if r["peak_rss_bytes"] else ""  # llama.cpp: not sampled
+        lines.append(f"| {r['row']} | {r['decoder_bytes'] / 1e9:.2f} | {memory} | "
                      f"{r['load_s']:.1f} | {tower} | {r['prompt']} | {r['prefill_s']:.1f} | {r['decode_tok_s']:.2f} | "
-                     f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f} | {same} | "
-                     f"{r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f} |")
+                     f"{ratio} | {same} | {r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f} |")
     return "\n".join(lines)
 
 
