@@ -279,10 +279,12 @@ def kernel_rows(cfg: LlamaConfig, repeats: int = 15) -> list[dict]:
     return rows
 
 
-def prefill_kernel_rows(cfg: LlamaConfig, prompts: list[int], repeats: int = 3) -> list[dict]:
+def prefill_kernel_rows(cfg: LlamaConfig, prompts: list[int], repeats: int) -> list[dict]:
     """One block's 7 weight matrices at each prompt length: bf16's matmul, the int8 / int4 packed
     kernels, and the int8 / int4 layers as they run (from DENSE_ROWS rows: dequantized, then the
-    dense matmul), taking turns; the median seconds. x 32 blocks ~ a prefill's linear layers."""
+    dense matmul), taking turns. Per mode the median and best seconds, and the median (and range) of
+    its time over bf16's in the same repeat: on a shared machine bf16's own time moves 2x between
+    repeats, and a ratio within one repeat does not. x 32 blocks ~ a prefill's linear layers."""
     g = torch.Generator().manual_seed(2)
     ws = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in block_shapes(cfg).values()]
     q = {m: [QuantLinear.from_float(w, m, torch.bfloat16, "cpu") for w in ws] for m in ("int8", "int4")}
@@ -294,6 +296,7 @@ def prefill_kernel_rows(cfg: LlamaConfig, prompts: list[int], repeats: int = 3) 
     with torch.no_grad():
         for prompt in prompts:
             times = {m: [] for m in fns}
+            load_avg = os.getloadavg()[0]
             for _ in range(repeats):
                 for mode, layer_fns in fns.items():
                     xs = [torch.randn(prompt, w.shape[1], generator=g).to(torch.bfloat16) for w in ws]
@@ -301,7 +304,11 @@ def prefill_kernel_rows(cfg: LlamaConfig, prompts: list[int], repeats: int = 3) 
                     for fn, x in zip(layer_fns, xs):
                         fn(x)
                     times[mode].append(time.perf_counter() - t0)
-            rows += [{"prompt": prompt, "mode": m, "s": statistics.median(t), "load_avg": os.getloadavg()[0]} for m, t in times.items()]
+            for m, t in times.items():
+                ratios = [a / b for a, b in zip(t, times["bf16"])]
+                rows.append({"prompt": prompt, "mode": m, "s": statistics.median(t), "best_s": min(t),
+                             "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
+                             "load_avg": [load_avg, os.getloadavg()[0]]})
     return rows
 
 
@@ -358,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a 2-layer decoder, rows in this process")
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--kernels", default="decode", help="per-block rows: decode (batch 1), prefill (at --prompt), both, none")
+    p.add_argument("--kernel-repeats", type=int, default=9, help="repeats of the prefill per-block rows (the formats take turns)")
     p.add_argument("--llama-python", default=sys.executable, help="a Python with llama_cpp, for the llama.cpp rows")
     p.add_argument("--llama-src", help="llama.cpp source tree (the llama-cpp-python sdist's vendor/llama.cpp), for the converter")
     p.add_argument("--one-row", help=argparse.SUPPRESS)  # the child process of one row
@@ -390,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results))
     kernels = kernel_rows(cfg) if args.kernels in ("decode", "both") else []
     print("\n".join(f"{r['part']} {r['mode']}: {r['bytes'] / 1e6:.1f} MB, {r['ms']:.2f} ms per token" for r in kernels))
-    prefill_kernels = prefill_kernel_rows(cfg, prompts) if args.kernels in ("prefill", "both") else []
-    print("\n".join(f"one block, {r['prompt']} rows, {r['mode']}: {r['s'] * 1e3:.0f} ms (load {r['load_avg']:.1f})" for r in prefill_kernels))
+    prefill_kernels = prefill_kernel_rows(cfg, prompts, args.kernel_repeats) if args.kernels in ("prefill", "both") else []
+    print("\n".join(f"one block, {r['prompt']} rows, {r['mode']}: median {r['s'] * 1e3:.0f} ms, best {r['best_s'] * 1e3:.0f} ms, "
+                    f"{r['ratio']:.2f}x bf16 ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) "
+                    f"(load {r['load_avg'][0]:.1f}-{r['load_avg'][1]:.1f})" for r in prefill_kernels))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": results, "exports": [e for e in exports if e], "kernels": kernels,
                                                "prefill_kernels": prefill_kernels}, indent=1))

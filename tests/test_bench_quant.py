@@ -43,3 +43,4 @@ def test_quant_bench_tiny_export_rows(tmp_path):
     assert (tmp_path / "w" / "export-int4" / "manifest.json").is_file()
     modes = {(r["prompt"], r["mode"]) for r in result["prefill_kernels"]}
     assert modes == {(p, m) for p in (16, 40) for m in ("bf16", "int8 packed kernel", "int4 packed kernel", "int8", "int4")}
+    assert all(r["ratio"] == 1.0 for r in result["prefill_kernels"] if r["mode"] == "bf16")  # each repeat against its own bf16
