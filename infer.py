@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
+from llavarad.errors import lone_surrogate
 from llavarad.explain.relevance import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
 from llavarad.infer.batch import output_problem, predicted_ids, read_results, run_queries
 from llavarad.infer.images import load_image
@@ -95,11 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def utf8_problem(text: str) -> str | None:
     """Command-line bytes that are not UTF-8 reach Python as lone surrogates (U+DC80-U+DCFF)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"is not UTF-8 text (byte {ord(text[e.start]) - 0xDC00:#04x} at character {e.start})"
-    return None
+    i = lone_surrogate(text)
+    return None if i is None else f"is not UTF-8 text (byte {ord(text[i]) - 0xDC00:#04x} at character {i})"
 
 
 def main(argv: list[str] | None = None) -> int:

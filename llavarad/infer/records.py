@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llavarad.errors import lone_surrogate
 from llavarad.jsonl import read_jsonl, read_text
 from llavarad.model.prompt import IMAGE_TOKEN, human_turn
 
@@ -91,8 +92,5 @@ def _check(where: str, fields: dict[str, object], optional: bool = False) -> Non
         if not ok and not (optional and value is None):
             kinds = "a string or an integer" if name == "id" else "a string" + (" or null" if optional else "")
             raise ValueError(f"{where}: {name!r} must be {kinds}, got {json.dumps(value)}")
-        if isinstance(value, str) and not value.isascii():
-            try:  # JSON's "\udcff" escape gives a lone surrogate, which no tokenizer or file system takes
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{where}: {name!r} holds a lone surrogate (\\u{ord(value[e.start]):04x}), not text") from None
+        if isinstance(value, str) and (i := lone_surrogate(value)) is not None:
+            raise ValueError(f"{where}: {name!r} holds a lone surrogate (\\u{ord(value[i]):04x}), not text")

@@ -11,6 +11,7 @@ import binascii
 import math
 from dataclasses import dataclass
 
+from llavarad.errors import lone_surrogate
 from llavarad.serve.api_error import APIError
 
 
@@ -72,11 +73,9 @@ def _max_tokens(body: dict, cap: int) -> int:
 
 
 def check_text(value: str, field: str, param: str) -> str:
-    """JSON's "\\ud800" escape gives a lone surrogate, which no tokenizer takes: refused, as infer.py refuses it."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise _invalid(f"{field} holds a lone surrogate (\\u{ord(value[e.start]):04x}), not text", param) from None
+    """A lone surrogate (JSON's "\\ud800" escape), which no tokenizer takes, is refused, as infer.py refuses it."""
+    if (i := lone_surrogate(value)) is not None:
+        raise _invalid(f"{field} holds a lone surrogate (\\u{ord(value[i]):04x}), not text", param)
     return value
 
 
