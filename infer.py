@@ -26,7 +26,7 @@ import torch
 
 from llavarad.dist import barrier, close_distributed, init_distributed, print0, sum_across_ranks
 from llavarad.errors import lone_surrogate
-from llavarad.explain.relevance import NEEDS_GRADIENTS, explain, explain_predictions, file_stem, make_folder, write_explanation
+from llavarad.explain.relevance import explain, explain_predictions, file_stem, gradient_problem, make_folder, write_explanation
 from llavarad.infer.batch import output_problem, predicted_ids, read_results, run_queries
 from llavarad.infer.images import load_image
 from llavarad.infer.pipeline import DTYPES, describe, device_problem, load
@@ -89,8 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--reason {problem}")
     if args.device is not None and (problem := device_problem(args.device)):
         p.error(f"--device {args.device}: {problem}")
-    if args.explain and args.quantize == "int4":
-        p.error(f"--explain {NEEDS_GRADIENTS}: use --quantize int8, or no --quantize")
     return args
 
 
@@ -113,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
         heatmaps = make_folder(args.explain) if args.explain else None
         model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
+        if heatmaps and (problem := gradient_problem(model)):
+            raise ValueError(f"--explain {problem}")
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
         print(text, flush=True)
         if heatmaps:
@@ -137,6 +137,8 @@ def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     heatmaps = make_folder(args.explain) if args.explain else None
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
     model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
+    if heatmaps and (problem := gradient_problem(model)):
+        raise ValueError(f"--explain {problem}")  # before any report is generated
     s = run_queries(
         model, tokenizer, records, folder, args.output, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         workers=args.workers, cuda_graph=device.type == "cuda" if args.cuda_graph is None else args.cuda_graph,

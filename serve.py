@@ -25,6 +25,7 @@ import threading
 
 import torch
 
+from llavarad.explain.relevance import gradient_problem
 from llavarad.infer.pipeline import DTYPES, load
 from llavarad.model.quant import MODES
 from llavarad.serve.app import ServeConfig, Server
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         config = ServeConfig(
             served_name=args.served_name, api_key=args.api_key or None, max_new_tokens=args.max_new_tokens,
             max_image_bytes=int(args.max_image_mb * 2**20), max_pixels=args.max_image_pixels,
-            max_len=n_patches + args.max_text_tokens + args.max_new_tokens, explain=args.quantize != "int4",
+            max_len=n_patches + args.max_text_tokens + args.max_new_tokens, explain_problem=gradient_problem(model),
             allowed_hosts=tuple(args.allowed_host) if args.allowed_host or is_loopback(args.host) else None,
             cors_origins=tuple(args.cors_origin),
         )

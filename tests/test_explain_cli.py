@@ -2,6 +2,10 @@
 the findings text unchanged, bad paths as one error line."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from _infer_fixtures import REASONS, read_jsonl, shared_tiny_release, write_images, write_jsonl
@@ -9,6 +13,7 @@ from PIL import Image
 
 import infer
 from llavarad.explain.sentences import split_sentences
+from llavarad.model import quant
 
 NEW = 24
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -77,6 +82,29 @@ def test_bad_explain_path(setup, tmp_path, capsys):
     assert infer.main([str(tmp / "images" / images[0]), *model_args(tiny), "--explain", str(blocker / "maps")]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {blocker / 'maps'}: cannot create the heatmap folder") and err.count("\n") == 1
+
+
+def test_int4_explains_where_its_layout_unpacks(setup, tmp_path, capsys):
+    """int4 on a CPU with AVX512 keeps torch's tiles64 layout, which unpacks for the backward: --explain
+    works. Where torch runs its AVX2
+    kernels (ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX512) int4 packs otherwise: one error
+    line after loading, before anything is generated or written."""
+    if not quant._cpu_reads_tiles():
+        pytest.skip("this CPU's int4 kernel does not read tiles64")
+    tiny, tmp, images = setup
+    image = str(tmp / "images" / images[1])
+    assert infer.main([image, *model_args(tiny), "--quantize", "int4", "--explain", str(tmp_path / "maps")]) == 0
+    findings = capsys.readouterr().out.strip()
+    with Image.open(image) as im:
+        check_report(tmp_path / "maps", "img1", findings, im.size)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "infer.py", image, *model_args(tiny), "--quantize", "int4", "--explain",
+                           str(tmp_path / "avx2")], cwd=Path(infer.__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    error = done.stderr.strip().splitlines()[-1]
+    assert error == ("error: --explain needs gradients through the decoder, which int4 weights packed for a CPU without "
+                     "AVX512 do not give (use int8 or no quantization there)")
+    assert not list((tmp_path / "avx2").iterdir())
 
 
 def test_file_stems_of_distinct_ids_are_distinct():

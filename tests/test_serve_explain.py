@@ -3,7 +3,7 @@ llavarad.explain.relevance.explain gives for the same image, reason and findings
 (the overlay PNGs decoded and compared pixel for pixel, and each map alone, the grid drawn as a
 transparent layer of the image's shape); bad bodies get a 4xx with OpenAI's error
 body; explanations asked for while reports are decoding change neither; a server running
---quantize int4 refuses with a 400 that says why."""
+int4 explains where its layout unpacks (a CPU with AVX512) and elsewhere refuses with a 400 that says why."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +17,7 @@ from _serve_fixtures import ServerProcess, chat_body, data_url, infer_stdout, pn
 from llavarad.explain.overlay import layer
 from llavarad.explain.relevance import explain
 from llavarad.infer.images import load_image
+from llavarad.model import quant
 from llavarad.model.weights import load_llavarad
 
 FINDINGS = "Heart size is normal. No pleural effusion, e.g. on the left. A 1.5 cm nodule"
@@ -89,13 +90,26 @@ def test_bad_bodies_get_a_4xx_with_the_error_body(setup, body, status, code, par
     assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error") and error["message"]
 
 
-def test_int4_server_refuses_to_explain(setup):
+def test_int4_server_explains_where_its_layout_unpacks(setup):
+    """int4 on a CPU with AVX512 keeps torch's tiles64 layout, which unpacks for the backward: the
+    server explains as explain() does on the same int4 model. With torch running its AVX2 kernels
+    (ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX512) int4 packs otherwise: a 400 that says why."""
+    if not quant._cpu_reads_tiles():
+        pytest.skip("this CPU's int4 kernel does not read tiles64")
     tiny, _, images, _ = setup
-    proc = ServerProcess(tiny.release, tiny.base, "--quantize", "int4", "--batch-size", "1")
-    try:
-        r = httpx.post(proc.url + "/v1/explain", json=explain_body(images[0], None, FINDINGS), timeout=60)
-    finally:
-        assert proc.stop() == 0
-    assert r.status_code == 400
-    error = r.json()["error"]
-    assert error["code"] == "explain_unavailable" and "--quantize int4" in error["message"] and "gradients" in error["message"]
+    answers = []
+    for env in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        proc = ServerProcess(tiny.release, tiny.base, "--quantize", "int4", "--batch-size", "1", env=env)
+        try:
+            answers.append(httpx.post(proc.url + "/v1/explain", json=explain_body(images[0], None, FINDINGS), timeout=60))
+        finally:
+            assert proc.stop() == 0
+    assert answers[0].status_code == 200, answers[0].text
+    model, tokenizer = load_llavarad(str(tiny.release), str(tiny.base), torch.float32, torch.device("cpu"), None, quantize="int4")
+    expected = explain(model, tokenizer, load_image(str(images[0])), None, FINDINGS)
+    for got, want in zip(answers[0].json()["sentences"], expected.sentences, strict=True):
+        assert got["text"] == want.text and got["logprob"] == pytest.approx(want.logprob, abs=1e-3)
+        np.testing.assert_array_equal(png_pixels(got["overlay"]), png_pixels(want.overlay))
+    assert answers[1].status_code == 400
+    error = answers[1].json()["error"]
+    assert error["code"] == "explain_unavailable" and "a CPU without AVX512" in error["message"] and "gradients" in error["message"]

@@ -41,9 +41,20 @@ from llavarad.infer.pipeline import prompt_ids
 from llavarad.infer.records import Record
 from llavarad.model.llava import LlavaRad, image_position
 from llavarad.model.prompt import build_question
+from llavarad.model.quant import QuantLinear
 from llavarad.model.tokenizer import Tokenizer
 
-NEEDS_GRADIENTS = "needs gradients through the decoder, which the int4 inference kernels do not give"
+
+
+def gradient_problem(model: LlavaRad) -> str | None:
+    """Why this loaded model cannot explain, or None. Explaining needs gradients through the decoder:
+    int8 and the plain layouts give them, and so does int4 in tiles64 (a CPU with AVX512, from
+    --quantize int4 or an int4 export); int4 packed for a GPU's or another CPU's kernel does not."""
+    if all(m.gives_gradients for m in model.modules() if isinstance(m, QuantLinear)):
+        return None
+    where = "a GPU" if model.device.type == "cuda" else "a CPU without AVX512"
+    return (f"needs gradients through the decoder, which int4 weights packed for {where} do not give "
+            f"(use int8 or no quantization there)")
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"
 
 

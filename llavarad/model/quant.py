@@ -253,6 +253,12 @@ class QuantLinear(nn.Module):
             weight = pack_nibbles(plain if plain is not None else untile_int4(weight))
         return cls(weight, scales, mode, K, N, group, None)
 
+    @property
+    def gives_gradients(self) -> bool:
+        """Whether the backward can have W: every layout unpacks but the int4 kernels' tiled ones other
+        than tiles64 (the CUDA kernel's, and a non-AVX512 CPU kernel's)."""
+        return self.mode == "int8" or self.kernel is None or self.tiles64
+
     def dequantized(self, out: Tensor | None = None) -> Tensor:
         """W as the forward uses it, (N, K) in the activation dtype, built in `out` (N * K elements)
         where given. The int8, plain and tiles64 (the CPU kernel's) layouts unpack; the CUDA kernel's
@@ -266,8 +272,8 @@ class QuantLinear(nn.Module):
         elif self.tiles64:
             return dequantize_tiles(self.weight, self.scales, dtype, out)
         else:
-            raise NotImplementedError("int4 weights packed for the CUDA kernel have no gradient path; "
-                                      "quantize with trainable_input=True for training")
+            raise NotImplementedError(f"int4 weights packed for the {self.weight.device.type} kernel here have no gradient "
+                                      f"path; quantize with trainable_input=True for training")
         return dequantize_int4(q, self.scales).to(dtype)
 
     def matmul(self, x: Tensor) -> Tensor:

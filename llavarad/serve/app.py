@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from torch import Tensor
 
-from llavarad.explain.relevance import NEEDS_GRADIENTS, Explanation, explain
+from llavarad.explain.relevance import Explanation, explain
 from llavarad.infer.generate import Sampling
 from llavarad.infer.images import preprocess, read_image
 from llavarad.infer.pipeline import prompt_ids
@@ -53,7 +53,7 @@ class ServeConfig:
     max_pixels: int = 50_000_000  # a 7000x7000 image; chest X-rays are at most about 4300x3500
     max_len: int = 2048  # cache slots per row: image slots + prompt text + new tokens
     image_workers: int = 4
-    explain: bool = True  # False under --quantize int4: its kernels give no gradient
+    explain_problem: str | None = None  # why /v1/explain cannot work with this model (explain.relevance.gradient_problem)
     allowed_hosts: tuple[str, ...] | None = None  # with a tuple: Host must be a loopback name or one of these
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (CORS); none: no CORS header
 
@@ -172,9 +172,8 @@ class Server:
         """Per-sentence overlays of a report (llavarad/explain/relevance.py), computed on the decode loop's thread between
         decode steps: one teacher-forced forward and a backward per sentence."""
         start = time.monotonic()
-        if not self.config.explain:
-            raise APIError(400, f"explaining a report {NEEDS_GRADIENTS}: this server runs with --quantize int4 "
-                                "(restart it with --quantize int8, or without --quantize)", "explain_unavailable")
+        if self.config.explain_problem:
+            raise APIError(400, f"explaining a report {self.config.explain_problem}", "explain_unavailable")
         self.scheduler.check()
         req = parse_explain(await self._json_body(request), self.config.max_image_bytes)
         tokens = await self._off_loop(self._explain_tokens, req)
