@@ -3,6 +3,7 @@ on-the-fly --quantize text (int8, int4: the same tensors), a damaged export is o
 the file, the write is atomic, and a folder that is not an export is never written into."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,25 @@ def test_quantized_export_equals_quantizing_at_load(tiny, tmp_path, capsys, mode
     other = "int4" if mode == "int8" else "int8"
     assert infer.main([images[1], "--model", str(out), "--quantize", other]) == 1
     assert f"the export is {mode}" in capsys.readouterr().err
+
+
+def test_int4_export_repacks_for_a_cpu_without_avx512(tiny, tmp_path):
+    """Where torch runs its AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX512) the int4
+    kernel packs otherwise than tiles64: the export's layers are repacked at load, and infer.py prints
+    what --quantize int4 prints there."""
+    release, images, _ = tiny
+    out = export(str(release.release), str(release.base), tmp_path / "int4", torch.float32, "int4")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+
+    def run(*model: str) -> str:
+        done = subprocess.run([sys.executable, "infer.py", images[0], "--max-new-tokens", "8", "--model", *model], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    check = "from llavarad.model import quant; print(quant._cpu_reads_tiles())"
+    assert subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True).stdout.strip() == "False"
+    assert run(str(out)) == run(str(release.release), "--base", str(release.base), "--quantize", "int4")
 
 
 def damage_cases(out: Path) -> list[tuple[str, object]]:
