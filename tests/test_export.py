@@ -87,13 +87,14 @@ def test_quantized_export_equals_quantizing_at_load(tiny, tmp_path, capsys, mode
     assert f"the export is {mode}" in capsys.readouterr().err
 
 
-def test_int4_export_repacks_for_a_cpu_without_avx512(tiny, tmp_path):
+@pytest.mark.parametrize("capability,tile", [("avx2", "32"), ("default", "None")])
+def test_int4_export_repacks_for_a_cpu_without_avx512(tiny, tmp_path, capability, tile):
     """Where torch runs its AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX512) the int4
-    kernel packs otherwise than tiles64: the export's layers are repacked at load, and infer.py prints
-    what --quantize int4 prints there."""
+    kernel reads tiles of 32, and without either (default) another layout: the export's layers are
+    re-tiled or repacked at load, and infer.py prints what --quantize int4 prints there."""
     release, images, _ = tiny
     out = export(str(release.release), str(release.base), tmp_path / "int4", torch.float32, "int4")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
 
     def run(*model: str) -> str:
         done = subprocess.run([sys.executable, "infer.py", images[0], "--max-new-tokens", "8", "--model", *model], cwd=REPO,
@@ -101,8 +102,8 @@ def test_int4_export_repacks_for_a_cpu_without_avx512(tiny, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
-    check = "from llavarad.model import quant; print(quant._cpu_reads_tiles())"
-    assert subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True).stdout.strip() == "False"
+    check = "from llavarad.model import quant; print(quant._cpu_tile())"
+    assert subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True).stdout.strip() == tile
     assert run(str(out)) == run(str(release.release), "--base", str(release.base), "--quantize", "int4")
 
 

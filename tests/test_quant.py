@@ -2,6 +2,10 @@
 error is within the bounds the formats promise (worked out by hand below); shapes the kernels
 cannot take fall back to a correct path and say so; the backward is the dequantized weight's."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,19 +143,21 @@ def test_long_inputs_dequantize_then_match_the_kernel(shape, mode, dtype):
             assert torch.equal(layer.matmul(x), kernel(x))
 
 
+@pytest.mark.parametrize("tile", [64, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 256, 128), (192, 128, 64), (4096, 512, 128), (160, 64, 32), (48, 128, 128)])
-def test_tiles_dequantize_as_the_plain_codes(shape, dtype):
-    """The long-input path's unpacking of tiles64 (whole tiles, and a last tile of 32 rows or a
-    lone one of 48) equals dequantizing the plain codes: bf16 bit for bit, float32 within one
-    rounding of the product; also when built in a reused, larger buffer, and the int8 layer's too."""
+def test_tiles_dequantize_as_the_plain_codes(shape, dtype, tile):
+    """The long-input path's unpacking of the tiled layouts, 64 (AVX512) and 32 (AVX2) rows a tile
+    (whole tiles, a last shorter tile, a lone one of 48), equals dequantizing the plain codes: bf16
+    bit for bit, float32 within one rounding of the product; also when built in a reused, larger
+    buffer; and the int8 layer's."""
     N, K, group = shape
     g = torch.Generator().manual_seed(N + K)
     q, sz = quantize_int4(torch.randn(N, K, generator=g) * 0.02, group, dtype)
     want = dequantize_int4(q, sz).to(dtype)
     buf = torch.full((N * K + 64,), float("nan"), dtype=dtype)
     for out in (None, buf[: N * K]):
-        got = dequantize_tiles(tile_int4(q), sz, dtype, out)
+        got = dequantize_tiles(tile_int4(q, tile), sz, dtype, out, tile)
         if dtype == torch.bfloat16:
             assert torch.equal(got, want)
         else:
@@ -163,7 +169,7 @@ def test_tiles_dequantize_as_the_plain_codes(shape, dtype):
 def test_tiles64_is_the_cpu_kernels_layout_and_stored_layers_equal_quantized_ones():
     """tile_int4 writes what torch's CPU packer writes here (an AVX512 build), tails of 16/32/48 rows
     included; untile_int4 inverts it; a layer built from stored tensors equals one quantized at load."""
-    if not quant._cpu_reads_tiles():
+    if quant._cpu_tile() != 64:
         pytest.skip("this CPU's int4 kernel tiles differently (the layers are repacked at load)")
     for N in (16, 48, 64, 160, 4096):
         q = torch.randint(0, 16, (N, 128), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
@@ -178,6 +184,39 @@ def test_tiles64_is_the_cpu_kernels_layout_and_stored_layers_equal_quantized_one
         assert torch.equal(stored.weight, loaded.weight) and torch.equal(stored.scales, loaded.scales)
     with pytest.raises(ValueError, match="out_features 40 is not a multiple of 16"):
         tile_int4(torch.zeros(40, 64, dtype=torch.int32))
+
+
+AVX2_CHECK = """
+import torch
+from llavarad.model import quant
+from llavarad.model.quant import QuantLinear, quantize_int4, tile_int4, untile_int4
+assert quant._cpu_tile() == 32
+for N in (16, 48, 64, 160, 4096):
+    q = torch.randint(0, 16, (N, 128), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
+    assert torch.equal(tile_int4(q, 32), torch._convert_weight_to_int4pack_for_cpu(q, 1)), N
+    assert torch.equal(untile_int4(tile_int4(q, 32), 32).int(), q), N
+w = torch.randn(160, 256) * 0.02
+loaded = QuantLinear.from_float(w, "int4", torch.bfloat16, "cpu")
+q, s = quantize_int4(w, 128, torch.bfloat16)
+stored = QuantLinear.from_stored(tile_int4(q), s, "int4", "cpu", torch.bfloat16)
+assert (stored.kernel, stored.tile) == (loaded.kernel, loaded.tile) == ("int4_cpu", 32)
+assert torch.equal(stored.weight, loaded.weight) and stored.gives_gradients
+x = torch.randn(40, 256).to(torch.bfloat16)  # 40 rows: the dense path, through dequantize_tiles(tile=32)
+kernel = torch._weight_int4pack_mm_for_cpu(x, stored.weight, 128, stored.scales)
+torch.testing.assert_close(stored(x), kernel, rtol=1.6e-2, atol=5e-3)
+print("ok")
+"""
+
+
+def test_avx2_kernel_reads_tiles_of_32():
+    """With torch running its AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX512), the
+    int4 packer writes tile_int4(q, 32), tails included; a stored (tiles64) layer is re-tiled to what
+    quantizing at load gives, and its long-input path (dequantized tiles of 32) matches the kernel."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_a_stored_int8_weight_that_is_not_aligned_is_copied():

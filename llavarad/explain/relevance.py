@@ -48,11 +48,12 @@ from llavarad.model.tokenizer import Tokenizer
 
 def gradient_problem(model: LlavaRad) -> str | None:
     """Why this loaded model cannot explain, or None. Explaining needs gradients through the decoder:
-    int8 and the plain layouts give them, and so does int4 in tiles64 (a CPU with AVX512, from
-    --quantize int4 or an int4 export); int4 packed for a GPU's or another CPU's kernel does not."""
+    int8 and the plain layouts give them, and so does int4 on a CPU with AVX512 or AVX2 (from
+    --quantize int4 or an int4 export: the kernel's tiled layout unpacks); int4 packed for a GPU's
+    kernel, or for a CPU with neither, does not."""
     if all(m.gives_gradients for m in model.modules() if isinstance(m, QuantLinear)):
         return None
-    where = "a GPU" if model.device.type == "cuda" else "a CPU without AVX512"
+    where = "a GPU" if model.device.type == "cuda" else "a CPU with neither AVX512 nor AVX2"
     return (f"needs gradients through the decoder, which int4 weights packed for {where} do not give "
             f"(use int8 or no quantization there)")
 METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"

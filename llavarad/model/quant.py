@@ -16,8 +16,8 @@ dtype or shape, the layer keeps the plain packing (int8, or two int4 per byte) a
 every call before an ordinary matmul: correct everywhere, but slower, and it says so once on stderr.
 
 A stored (exported) int4 weight is in the "tiles64" layout (`tile_int4`), which is the CPU kernel's
-own on an AVX512 CPU: such a CPU uses the stored bytes as they are (memory-mapped, no copy);
-another CPU or a GPU repacks them at load.
+own on an AVX512 CPU: such a CPU uses the stored bytes as they are (memory-mapped, no copy); an AVX2
+CPU's kernel reads tiles of 32 (a byte shuffle at load); a GPU repacks them with torch's packer.
 
 The activations and scales are in the model's dtype (`--dtype`). The backward (QLoRA) gives the
 input its gradient through the dequantized weight and the frozen weight none.
@@ -104,53 +104,55 @@ def unpack_nibbles(p: Tensor) -> Tensor:
     return torch.stack([p >> 4, p & 15], -1).reshape(p.shape[0], -1).to(torch.int32)
 
 
-TILE = 64  # rows per tile of the stored int4 layout
+TILE = 64  # rows per tile of the stored int4 layout, "tiles64"
 
 
-def tile_int4(q: Tensor) -> Tensor:
-    """The stored int4 layout, "tiles64": q (N, K) in 0..15, N a multiple of 16 -> (N, K/2) uint8.
-    Rows in tiles of 64, each tile k-major (K, 32) bytes, byte i = row i | row i + 32 << 4; a last
-    tile of 16, 32 or 48 rows is k-major with byte j = row 2j | row 2j + 1 << 4. This is what
-    torch's CPU packer writes on an AVX512 CPU (`_cpu_reads_tiles` checks it at run time)."""
+def tile_int4(q: Tensor, tile: int = TILE) -> Tensor:
+    """The tiled int4 layout of torch's CPU packer: q (N, K) in 0..15, N a multiple of 16 -> (N, K/2)
+    uint8. Rows in tiles of `tile`, each tile k-major (K, tile/2) bytes, byte i = row i | row i + tile/2
+    << 4; a last tile of fewer rows is k-major with byte j = row 2j | row 2j + 1 << 4. The kernel of
+    an AVX512 CPU reads tiles of 64 (the stored layout, "tiles64"), of an AVX2 CPU tiles of 32
+    (`_cpu_tile` asks torch's packer at run time)."""
     N, K = q.shape
     if N % 16:
         raise ValueError(f"int4: out_features {N} is not a multiple of 16")
     q = q.to(torch.uint8)
-    full = N - N % TILE
-    body = q[:full].view(full // TILE, 2, TILE // 2, K)  # (T, 2, 32, K)
-    body = (body[:, 0] | body[:, 1] << 4).transpose(1, 2)  # (T, K, 32)
+    full = N - N % tile
+    body = q[:full].view(full // tile, 2, tile // 2, K)  # (T, 2, tile/2, K)
+    body = (body[:, 0] | body[:, 1] << 4).transpose(1, 2)  # (T, K, tile/2)
     tail = q[full:].view(-1, 2, K)  # (r/2, 2, K)
     tail = (tail[:, 0] | tail[:, 1] << 4).t()  # (K, r/2)
     return torch.cat([body.reshape(-1), tail.reshape(-1)]).view(N, K // 2)
 
 
-def untile_int4(t: Tensor) -> Tensor:
+def untile_int4(t: Tensor, tile: int = TILE) -> Tensor:
     """The inverse of tile_int4: (N, K/2) uint8 -> q (N, K) uint8."""
     N, K = t.shape[0], t.shape[1] * 2
-    full = N - N % TILE
+    full = N - N % tile
     flat = t.reshape(-1)
-    body = flat[: full * K // 2].view(full // TILE, K, TILE // 2).transpose(1, 2)  # (T, 32, K)
+    body = flat[: full * K // 2].view(full // tile, K, tile // 2).transpose(1, 2)  # (T, tile/2, K)
     tail = flat[full * K // 2 :].view(K, -1).t()  # (r/2, K)
     return torch.cat([torch.cat([body & 15, body >> 4], 1).reshape(full, K),
                       torch.stack([tail & 15, tail >> 4], 1).reshape(N - full, K)])
 
 
-def dequantize_tiles(t: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """tiles64 (N, K/2) + scales_and_zeros (K/group, N, 2) -> W (N, K) in `dtype`, equal to
-    dequantize_int4(untile_int4(t), ...).to(dtype) (bf16: bit for bit). Built as W^T (K, N) and
-    returned transposed: a tile's 64 rows are contiguous along N, and so are the scales. `out`: K * N
-    elements to build it in (a reused buffer spares the page faults of a fresh one, a third of the
-    time at 7B). One group of K rows at a time, so its bytes and its rows of W stay in cache: the
+def dequantize_tiles(t: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype, out: Tensor | None = None,
+                     tile: int = TILE) -> Tensor:
+    """Tiled int4 (N, K/2) (see tile_int4) + scales_and_zeros (K/group, N, 2) -> W (N, K) in `dtype`,
+    equal to dequantize_int4(untile_int4(t, tile), ...).to(dtype) (bf16: bit for bit). Built as W^T
+    (K, N) and returned transposed: a tile's rows are contiguous along N, and so are the scales. `out`:
+    K * N elements to build it in (a reused buffer spares the page faults of a fresh one, a third of
+    the time at 7B). One group of K rows at a time, so its bytes and its rows of W stay in cache: the
     nibbles are split in the stored order (long contiguous runs), then copied into place and scaled."""
     N, K = t.shape[0], t.shape[1] * 2
-    if N % TILE:
-        return dequantize_int4(untile_int4(t), scales_and_zeros).to(dtype)
+    if N % tile:
+        return dequantize_int4(untile_int4(t, tile), scales_and_zeros).to(dtype)
     s, z = scales_and_zeros.to(dtype).permute(2, 0, 1).contiguous()  # (G, N) each, contiguous: addcmul then vectorizes
-    G, T = s.shape[0], N // TILE
+    G, T, half = s.shape[0], N // tile, tile // 2
     rows = K // G
-    tiles = t.view(T, K, TILE // 2)  # byte i of (tile, k) = row i | row i + 32 << 4
+    tiles = t.view(T, K, half)  # byte i of (tile, k) = row i | row i + half << 4
     w = (torch.empty(K * N, dtype=dtype) if out is None else out).view(K, N)
-    x = torch.empty(T, rows, TILE // 2, dtype=torch.uint8)
+    x = torch.empty(T, rows, half, dtype=torch.uint8)
     lo, hi = torch.empty_like(x, dtype=torch.int8), torch.empty_like(x, dtype=torch.int8)
     for g in range(G):
         # q ^ 8 read as a signed nibble is q - 8: an arithmetic shift of the byte (hi) or of the
@@ -159,21 +161,23 @@ def dequantize_tiles(t: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype, ou
         torch.bitwise_right_shift(x.view(torch.int8), 4, out=hi)
         torch.bitwise_left_shift(x, 4, out=lo.view(torch.uint8)).view(torch.int8).bitwise_right_shift_(4)
         wg = w[g * rows : (g + 1) * rows]  # (rows, N)
-        wg.view(rows, T, 2, TILE // 2)[:, :, 0].copy_(lo.transpose(0, 1))  # rows 0..31 of each tile
-        wg.view(rows, T, 2, TILE // 2)[:, :, 1].copy_(hi.transpose(0, 1))  # rows 32..63
+        wg.view(rows, T, 2, half)[:, :, 0].copy_(lo.transpose(0, 1))  # the first half of each tile's rows
+        wg.view(rows, T, 2, half)[:, :, 1].copy_(hi.transpose(0, 1))  # the second half
         torch.addcmul(z[g], wg, s[g], out=wg)  # (q - 8) s + z in float32, as the reference, then in dtype
     return w.t()
 
 
-def _cpu_reads_tiles() -> bool:
-    """Whether this CPU's int4 kernel takes the tiles64 layout (AVX512 builds do; AVX2 ones tile by 32)."""
-    if not hasattr(_cpu_reads_tiles, "answer"):
+def _cpu_tile() -> int | None:
+    """The tile width of this CPU's int4 kernel layout where it is tile_int4's (64 with AVX512, 32 with
+    AVX2: torch picks its kernels by the CPU's vector width), else None."""
+    if not hasattr(_cpu_tile, "answer"):
         q = torch.randint(0, 16, (112, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
         try:
-            _cpu_reads_tiles.answer = torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 1), tile_int4(q))
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            _cpu_tile.answer = next((t for t in (64, 32) if torch.equal(packed, tile_int4(q, t))), None)
         except (RuntimeError, NotImplementedError, AttributeError):
-            _cpu_reads_tiles.answer = False
-    return _cpu_reads_tiles.answer
+            _cpu_tile.answer = None
+    return _cpu_tile.answer
 
 
 class QuantLinear(nn.Module):
@@ -185,7 +189,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.mode, self.in_features, self.out_features, self.group = mode, in_features, out_features, group
         self.kernel = kernel  # "int8", "int4_cpu", "int4_cuda", or None: dequantize then matmul
-        self.tiles64 = kernel == "int4_cpu" and _cpu_reads_tiles()  # the kernel's int4 layout unpacks: decided once
+        self.tile = _cpu_tile() if kernel == "int4_cpu" else None  # the CPU kernel's layout is tile_int4's: it unpacks
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
 
@@ -213,9 +217,9 @@ class QuantLinear(nn.Module):
     def from_stored(cls, weight: Tensor, scales: Tensor, mode: str, device: torch.device | str,
                     dtype: torch.dtype) -> "QuantLinear":
         """A layer from its stored tensors (an export): int8 q (N, K) and scales (N,); int4 tiles64
-        (N, K/2) (see tile_int4) and scales_and_zeros (K/group, N, 2). On a CPU whose kernel reads
-        tiles64 and int8, the tensors are used as they are (memory-mapped: no copy); otherwise they
-        are repacked for the device, as from_float would pack them."""
+        (N, K/2) (see tile_int4) and scales_and_zeros (K/group, N, 2). int8, and int4 on a CPU whose
+        kernel reads tiles64 (AVX512), are used as they are (memory-mapped: no copy); int4 is
+        re-tiled for an AVX2 CPU (a byte shuffle) and repacked by torch's packer elsewhere."""
         N, K = weight.shape[0], weight.shape[1] * (2 if mode == "int4" else 1)
         device, scales = torch.device(device), scales.to(device=device, dtype=dtype)
         if mode == "int8":
@@ -224,9 +228,13 @@ class QuantLinear(nn.Module):
                 weight = weight.clone()  # (an export aligns its tensors: see export._save_aligned)
             return cls._checked(weight, scales, mode, K, N, 0, "int8")
         group = K // scales.shape[0]
-        if device.type == "cpu" and _cpu_reads_tiles():
+        tile = _cpu_tile() if device.type == "cpu" else None
+        if tile == TILE:
             return cls._checked(weight, scales, mode, K, N, group, "int4_cpu")
-        return cls._packed_int4(untile_int4(weight.to(device)).to(torch.int32), scales, group)
+        q = untile_int4(weight.to(device))  # (N, K) uint8
+        if tile:
+            return cls._checked(tile_int4(q, tile), scales, mode, K, N, group, "int4_cpu", plain=q)
+        return cls._packed_int4(q.to(torch.int32), scales, group)
 
     @classmethod
     def _packed_int4(cls, q: Tensor, scales: Tensor, group: int) -> "QuantLinear":
@@ -256,12 +264,12 @@ class QuantLinear(nn.Module):
     @property
     def gives_gradients(self) -> bool:
         """Whether the backward can have W: every layout unpacks but the int4 kernels' tiled ones other
-        than tiles64 (the CUDA kernel's, and a non-AVX512 CPU kernel's)."""
-        return self.mode == "int8" or self.kernel is None or self.tiles64
+        than tile_int4's (the CUDA kernel's, and that of a CPU with neither AVX512 nor AVX2)."""
+        return self.mode == "int8" or self.kernel is None or self.tile is not None
 
     def dequantized(self, out: Tensor | None = None) -> Tensor:
         """W as the forward uses it, (N, K) in the activation dtype, built in `out` (N * K elements)
-        where given. The int8, plain and tiles64 (the CPU kernel's) layouts unpack; the CUDA kernel's
+        where given. The int8, plain and tile_int4 (the CPU kernel's) layouts unpack; the CUDA kernel's
         tiled layout is for inference only."""
         dtype = self.scales.dtype
         if self.mode == "int8":
@@ -269,8 +277,8 @@ class QuantLinear(nn.Module):
             return w.copy_(self.weight).mul_(self.scales[:, None])  # |q| <= 127 is exact in dtype: one rounding
         if self.kernel is None:
             q = unpack_nibbles(self.weight)
-        elif self.tiles64:
-            return dequantize_tiles(self.weight, self.scales, dtype, out)
+        elif self.tile:
+            return dequantize_tiles(self.weight, self.scales, dtype, out, self.tile)
         else:
             raise NotImplementedError(f"int4 weights packed for the {self.weight.device.type} kernel here have no gradient "
                                       f"path; quantize with trainable_input=True for training")
@@ -278,7 +286,7 @@ class QuantLinear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (M, K) in the activation dtype -> (M, N)."""
-        if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.tiles64):
+        if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.tile):
             return F.linear(x, self.dequantized(_scratch(self.out_features * self.in_features, x.dtype)))
         if self.kernel == "int8":
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
