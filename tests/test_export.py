@@ -107,24 +107,6 @@ def test_int4_export_repacks_for_a_cpu_without_avx512(tiny, tmp_path, capability
     assert run(str(out)) == run(str(release.release), "--base", str(release.base), "--quantize", "int4")
 
 
-def test_a_bfloat16_export_runs_in_float32_where_bfloat16_matmuls_are_slow(tiny, tmp_path):
-    """On a CPU whose oneDNN has no fast bfloat16 (ONEDNN_MAX_CPU_ISA=AVX2, as on an AVX2 CPU, where a
-    bfloat16 matmul is 13x float32's), a bfloat16 export runs in float32 unless --dtype says otherwise,
-    and says so: the text is --dtype float32's."""
-    release, images, _ = tiny
-    out = export(str(release.release), str(release.base), tmp_path / "bf16", torch.bfloat16, "int8")
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
-
-    def run(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "infer.py", images[0], "--max-new-tokens", "8", "--model", str(out), *extra],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-    default, asked = run(), run("--dtype", "float32")
-    assert default.returncode == 0 and asked.returncode == 0, default.stderr[-2000:]
-    assert f"{out}: this CPU has no fast bfloat16 matmul; running in float32 (--dtype bfloat16 to insist)" in default.stderr
-    assert "bfloat16 matmul" not in asked.stderr and default.stdout == asked.stdout
-
-
 def damage_cases(out: Path) -> list[tuple[str, object]]:
     """(file named in the error, a function that damages a fresh copy of the export `out`)."""
 

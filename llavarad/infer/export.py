@@ -18,7 +18,6 @@ shapes) is one error naming the file.
 import json
 import os
 import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -168,17 +167,11 @@ def load_export(folder: str | Path, device: str | torch.device, dtype: torch.dty
                 quantize: str | None = None) -> tuple[LlavaRad, Tokenizer]:
     """An export -> model, tokenizer, by memory-mapping its files: the tensors stay the pages of the
     files on a CPU in the export's dtype (another `dtype` or device copies the float tensors; int4 on a
-    CPU whose kernel does not read tiles64, or on a GPU, is repacked). `dtype` None: the export's, but
-    float32 for a bfloat16 export on a CPU without fast bfloat16 matmuls (an AVX2 CPU: 13x slower
-    than float32 there), said on stderr. `quantize`, when given, must be the export's own."""
+    CPU whose kernel does not read tiles64, or on a GPU, is repacked). `quantize`, when given, must
+    be the export's own: quantizing happens when exporting."""
     folder = Path(folder).expanduser()
     manifest = _checked_manifest(folder)
-    if dtype is None:
-        dtype = getattr(torch, manifest["dtype"])
-        if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            dtype = torch.float32
-            print(f"{folder}: this CPU has no fast bfloat16 matmul; running in float32 (--dtype bfloat16 to insist)",
-                  file=sys.stderr)
+    dtype = dtype or getattr(torch, manifest["dtype"])
     if quantize not in (None, manifest["quantize"]):
         raise ValueError(f"{folder}: the export is {manifest['quantize'] or 'not quantized'}; --quantize {quantize} "
                          f"asks for another (export again with --quantize {quantize})")
