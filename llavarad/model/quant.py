@@ -151,7 +151,7 @@ def dequantize_tiles(t: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype, ou
     G, T, half = s.shape[0], N // tile, tile // 2
     rows = K // G
     tiles = t.view(T, K, half)  # byte i of (tile, k) = row i | row i + half << 4
-    w = (torch.empty(K * N, dtype=dtype) if out is None else out).view(K, N)
+    w = (torch.empty(K * N, dtype=dtype, device=t.device) if out is None else out).view(K, N)
     x = torch.empty(T, rows, half, dtype=torch.uint8)
     lo, hi = torch.empty_like(x, dtype=torch.int8), torch.empty_like(x, dtype=torch.int8)
     for g in range(G):
@@ -273,7 +273,7 @@ class QuantLinear(nn.Module):
         tiled layout is for inference only."""
         dtype = self.scales.dtype
         if self.mode == "int8":
-            w = (torch.empty(self.weight.shape, dtype=dtype) if out is None else out.view(self.weight.shape))
+            w = torch.empty(self.weight.shape, dtype=dtype, device=self.weight.device) if out is None else out.view(self.weight.shape)
             return w.copy_(self.weight).mul_(self.scales[:, None])  # |q| <= 127 is exact in dtype: one rounding
         if self.kernel is None:
             q = unpack_nibbles(self.weight)
@@ -287,7 +287,7 @@ class QuantLinear(nn.Module):
     def matmul(self, x: Tensor) -> Tensor:
         """x (M, K) in the activation dtype -> (M, N)."""
         if x.shape[0] >= DENSE_ROWS and (self.kernel == "int8" or self.tile):
-            return F.linear(x, self.dequantized(_scratch(self.out_features * self.in_features, x.dtype)))
+            return F.linear(x, self.dequantized(_scratch(self.out_features * self.in_features, x.dtype, x.device)))
         if self.kernel == "int8":
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
         if self.kernel == "int4_cpu":
@@ -316,13 +316,13 @@ class QuantLinear(nn.Module):
 _thread = threading.local()
 
 
-def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
-    """A CPU buffer of `numel` elements that this thread's long-input calls reuse, layer after
-    layer: it grows to the largest layer (90 MB at 7B in bf16) and stays. A fresh one per call costs
-    the page faults of first touch, a third of the dequantization's time at 7B."""
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A buffer of `numel` elements that this thread's long-input calls reuse, layer after layer: it
+    grows to the largest layer (90 MB at 7B in bf16) and stays. A fresh one per call costs the page
+    faults of first touch, a third of the dequantization's time at 7B on a CPU."""
     buf = getattr(_thread, "buf", None)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = _thread.buf = torch.empty(numel, dtype=dtype)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        buf = _thread.buf = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
