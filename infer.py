@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="most tokens per report; the prompt plus these must fit the decoder's context (default: %(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, this rank's GPU under torchrun, when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: an export's own; else bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="(default: an export's own; else bfloat16 on GPU or with --quantize, float32 on CPU)")
     p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, quantized while loading "
                    "(--dtype stays the dtype of the activations and of the other weights; default: none)")
     p.add_argument("--explain", metavar="DIR", help="write per-sentence heatmaps over the image (PNG) and their grids (JSON) to DIR")

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", default="lmsys/vicuna-7b-v1.5", help="base Llama folder or Hugging Face repo id")
     p.add_argument("--tower", help="folder with the tower files, for a release folder without them, as infer.py --tower")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: an export's own; else bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: an export's own; else bfloat16 on GPU or with --quantize, float32 on CPU")
     p.add_argument("--quantize", choices=MODES, help="decoder linear layers in 8 or 4 bits, as infer.py --quantize")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")

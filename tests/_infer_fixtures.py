@@ -74,3 +74,10 @@ def write_annotation(path: Path, images: list[str], reasons: list[str | None]) -
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def cpu_without_avx512(capability: str) -> dict[str, str]:
+    """Environment under which torch runs, on this machine, the kernels of a CPU without AVX512:
+    ATen's ("avx2", or "default": neither AVX2) and oneDNN's (AVX2, SSE4.1) together, as such a CPU
+    has them (ATen's alone lets oneDNN's AVX512 bfloat16 packing meet ATen's AVX2 checks and fail)."""
+    return {"ATEN_CPU_CAPABILITY": capability, "ONEDNN_MAX_CPU_ISA": {"avx2": "AVX2", "default": "SSE41"}[capability]}

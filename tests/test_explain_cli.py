@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _infer_fixtures import REASONS, read_jsonl, shared_tiny_release, write_images, write_jsonl
+from _infer_fixtures import REASONS, cpu_without_avx512, read_jsonl, shared_tiny_release, write_images, write_jsonl
 from PIL import Image
 
 import infer
@@ -98,7 +98,7 @@ def test_int4_explains_where_its_layout_unpacks(setup, tmp_path, capsys):
         check_report(tmp_path / "maps", "img1", findings, im.size)
 
     def run(capability: str, maps: Path) -> subprocess.CompletedProcess:
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **cpu_without_avx512(capability), "OMP_NUM_THREADS": "1"}
         return subprocess.run([sys.executable, "infer.py", image, *model_args(tiny), "--quantize", "int4", "--explain", str(maps)],
                               cwd=Path(infer.__file__).parent, env=env, capture_output=True, text=True, timeout=300)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _infer_fixtures import shared_tiny_release, write_images
+from _infer_fixtures import cpu_without_avx512, shared_tiny_release, write_images
 from safetensors.torch import load_file, save_file
 
 import infer
@@ -79,7 +79,8 @@ def test_quantized_export_equals_quantizing_at_load(tiny, tmp_path, capsys, mode
         assert torch.equal(a, b), name
     for m in layers.values():  # the packed weights are the export's pages: no copy, aligned for the int8 kernel
         assert mapped_from(m.weight, out) and m.weight.data_ptr() % 64 == 0
-    expected = findings(capsys, [str(release.release), "--base", str(release.base), "--quantize", mode], images[1], "Cough.")
+    on_the_fly = [str(release.release), "--base", str(release.base), "--quantize", mode, "--dtype", "float32"]  # the export's
+    expected = findings(capsys, on_the_fly, images[1], "Cough.")
     assert findings(capsys, [str(out)], images[1], "Cough.") == expected
     assert findings(capsys, [str(out)], images[1], "Cough.", "--quantize", mode) == expected
     other = "int4" if mode == "int8" else "int8"
@@ -94,7 +95,7 @@ def test_int4_export_repacks_for_a_cpu_without_avx512(tiny, tmp_path, capability
     re-tiled or repacked at load, and infer.py prints what --quantize int4 prints there."""
     release, images, _ = tiny
     out = export(str(release.release), str(release.base), tmp_path / "int4", torch.float32, "int4")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **cpu_without_avx512(capability), "OMP_NUM_THREADS": "1"}
 
     def run(*model: str) -> str:
         done = subprocess.run([sys.executable, "infer.py", images[0], "--max-new-tokens", "8", "--model", *model], cwd=REPO,
@@ -104,7 +105,7 @@ def test_int4_export_repacks_for_a_cpu_without_avx512(tiny, tmp_path, capability
 
     check = "from llavarad.model import quant; print(quant._cpu_tile())"
     assert subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True).stdout.strip() == tile
-    assert run(str(out)) == run(str(release.release), "--base", str(release.base), "--quantize", "int4")
+    assert run(str(out)) == run(str(release.release), "--base", str(release.base), "--quantize", "int4", "--dtype", "float32")
 
 
 def damage_cases(out: Path) -> list[tuple[str, object]]:

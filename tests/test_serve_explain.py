@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from _infer_fixtures import shared_tiny_release, write_corrupt, write_images
+from _infer_fixtures import cpu_without_avx512, shared_tiny_release, write_corrupt, write_images
 from _serve_fixtures import ServerProcess, chat_body, data_url, infer_stdout, png_pixels, shared_server
 
 from llavarad.explain.overlay import layer
@@ -98,14 +98,14 @@ def test_int4_server_explains_where_its_layout_unpacks(setup):
         pytest.skip("this CPU's int4 kernel does not read tiles64")
     tiny, _, images, _ = setup
     answers = []
-    for env in ({}, {"ATEN_CPU_CAPABILITY": "default"}):
+    for env in ({}, cpu_without_avx512("default")):
         proc = ServerProcess(tiny.release, tiny.base, "--quantize", "int4", "--batch-size", "1", env=env)
         try:
             answers.append(httpx.post(proc.url + "/v1/explain", json=explain_body(images[0], None, FINDINGS), timeout=60))
         finally:
             assert proc.stop() == 0
     assert answers[0].status_code == 200, answers[0].text
-    model, tokenizer = load_llavarad(str(tiny.release), str(tiny.base), torch.float32, torch.device("cpu"), None, quantize="int4")
+    model, tokenizer = load_llavarad(str(tiny.release), str(tiny.base), torch.bfloat16, torch.device("cpu"), None, quantize="int4")
     expected = explain(model, tokenizer, load_image(str(images[0])), None, FINDINGS)
     for got, want in zip(answers[0].json()["sentences"], expected.sentences, strict=True):
         assert got["text"] == want.text and got["logprob"] == pytest.approx(want.logprob, abs=1e-3)

@@ -30,14 +30,12 @@ from llavarad.model.weights import load_llavarad
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# How much slower torch's packed CPU kernels run one token with float32 activations than with
-# bfloat16 (one 11008 x 4096 layer, 2-core AVX512 and AVX2: int8 40.8 / 7.8 ms, int4 133 / 5.4 ms).
-SLOW_FLOAT32 = {"int8": 5, "int4": 25}
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on a GPU; float32 elsewhere, where bfloat16 matmuls are slow or missing."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def default_dtype(device: torch.device, quantize: str | None = None) -> torch.dtype:
+    """bfloat16 on a GPU, and for a quantized decoder on a CPU: torch's packed CPU kernels, which
+    decode, take 5x (int8) and 25x (int4) their bfloat16 time with float32 activations (one 11008 x
+    4096 layer, AVX512 and AVX2 alike: int8 40.8 / 7.8 ms, int4 133 / 5.4 ms). float32 for a float
+    model on a CPU: the reference's numbers."""
+    return torch.bfloat16 if device.type == "cuda" or quantize else torch.float32
 
 
 def device_problem(name: str) -> str | None:
@@ -63,16 +61,12 @@ def load(model: str, base: str, device: torch.device, dtype: torch.dtype | None,
          quantize: str | None = None) -> tuple[LlavaRad, Tokenizer]:
     """The release `model` over the base Llama `base` (folders or hub repo ids), or an export folder
     (`python -m llavarad.export`: everything in it, merged and quantized already; `base` and `tower`
-    unused), timed on stderr. `dtype` None: the export's own, else `default_dtype(device)`."""
+    unused), timed on stderr. `dtype` None: the export's own, else `default_dtype(device, quantize)`."""
     t0 = time.time()
     if is_export(model):
         loaded = load_export(model, device, dtype, quantize)
     else:
-        dtype = dtype or default_dtype(device)
-        loaded = load_llavarad(model, base, dtype, device, tower_dir=tower, quantize=quantize)
-        if quantize and device.type == "cpu" and dtype == torch.float32:
-            print0(f"note: on a CPU, --quantize {quantize} decodes about {SLOW_FLOAT32[quantize]}x faster with --dtype bfloat16 "
-                   f"(torch's packed CPU kernels are slow with float32 activations)", file=sys.stderr)
+        loaded = load_llavarad(model, base, dtype or default_dtype(device, quantize), device, tower_dir=tower, quantize=quantize)
     print0(f"loaded {model} in {time.time() - t0:.1f}s", file=sys.stderr)
     return loaded
 
