@@ -29,10 +29,10 @@ from llavarad.errors import lone_surrogate
 from llavarad.explain.relevance import explain, explain_predictions, file_stem, gradient_problem, make_folder, write_explanation
 from llavarad.infer.batch import output_problem, predicted_ids, read_results, run_queries
 from llavarad.infer.images import load_image
-from llavarad.infer.pipeline import DTYPES, describe, device_problem, load
+from llavarad.infer.pipeline import describe, device_problem, load
 from llavarad.infer.records import LOADERS, load_records
 from llavarad.infer.testsets import DEFAULT_SPLIT, TEST_SETS, load_test_set
-from llavarad.model.config import TOWER_CKPT, TOWER_JSON
+from llavarad.model.config import DTYPES, TOWER_CKPT, TOWER_JSON
 from llavarad.model.quant import MODES
 
 FAILED_RECORDS = 3  # exit code of a batch run that wrote an error record for some query
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_batch(args, rank, world, device, dtype)
         image = load_image(args.image)  # fail on a bad image before loading 7B parameters
         heatmaps = make_folder(args.explain) if args.explain else None
-        model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
-        if heatmaps and (problem := gradient_problem(model)):
-            raise ValueError(f"--explain {problem}")
+        model, tokenizer = load_model(args, device, dtype)
         text = describe(model, tokenizer, [image], [args.reason], args.max_new_tokens)[0]
         print(text, flush=True)
         if heatmaps:
@@ -126,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None):
+    """pipeline.load as the arguments say; with --explain, a model that cannot give the gradients
+    is refused here, before any report is generated."""
+    model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
+    if args.explain and (problem := gradient_problem(model)):
+        raise ValueError(f"--explain {problem}")
+    return model, tokenizer
+
+
 def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.device, dtype: torch.dtype | None) -> int:
     query = Path(args.query_file)
     folder = Path(args.image_folder) if args.image_folder else query if query.is_dir() else query.parent
@@ -136,9 +143,7 @@ def run_batch(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     predicted_ids(Path(args.output))  # and on an output that is not a predictions file
     heatmaps = make_folder(args.explain) if args.explain else None
     print0(f"{len(records)} records from {args.query_file} (loader {args.loader}), {world} process(es)", file=sys.stderr)
-    model, tokenizer = load(args.model, args.base, device, dtype, args.tower, args.quantize)
-    if heatmaps and (problem := gradient_problem(model)):
-        raise ValueError(f"--explain {problem}")  # before any report is generated
+    model, tokenizer = load_model(args, device, dtype)
     s = run_queries(
         model, tokenizer, records, folder, args.output, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         workers=args.workers, cuda_graph=device.type == "cuda" if args.cuda_graph is None else args.cuda_graph,

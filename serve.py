@@ -26,7 +26,8 @@ import threading
 import torch
 
 from llavarad.explain.relevance import gradient_problem
-from llavarad.infer.pipeline import DTYPES, load
+from llavarad.infer.pipeline import load
+from llavarad.model.config import DTYPES
 from llavarad.model.quant import MODES
 from llavarad.serve.app import ServeConfig, Server
 from llavarad.serve.middleware import is_loopback

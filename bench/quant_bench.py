@@ -315,13 +315,14 @@ def prefill_kernel_rows(cfg: LlamaConfig, prompts: list[int], repeats: int) -> l
 def table(results: list[dict]) -> str:
     lines = ["| row | decoder GB | peak RSS GB (anon) while loading | load s | tower s | prompt | prefill s | decode tok/s | "
              "x bf16 | tokens = bf16 | load avg |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def first(names: tuple[str, ...], prompt: int) -> dict | None:
+        return next((b for b in results if b["row"] in names and b["prompt"] == prompt), None)
+
     for r in results:
-        def first(*names):
-            return next((b for b in results if b["row"] in names and b["prompt"] == r["prompt"]), None)
         # speed against a bf16 decoder of the same shape; tokens against the same weights in bf16 (the
         # export rows run the release, LoRA merged: "export bf16"); blank where that row did not run
-        speed = first("bf16", "export bf16")
-        same_model = first("export bf16" if r["row"].startswith("export") else "bf16")
+        speed = first(("bf16", "export bf16"), r["prompt"])
+        same_model = first(("export bf16",) if r["row"].startswith("export") else ("bf16",), r["prompt"])
         if same_model is None or r["row"].startswith("llama.cpp"):  # llama.cpp: token ids, not embeddings
             same = ""
         else:

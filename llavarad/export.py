@@ -9,7 +9,7 @@ import sys
 import time
 
 from llavarad.infer.export import export
-from llavarad.infer.pipeline import DTYPES
+from llavarad.model.config import DTYPES
 from llavarad.model.quant import MODES
 
 

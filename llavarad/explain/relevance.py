@@ -44,6 +44,7 @@ from llavarad.model.prompt import build_question
 from llavarad.model.quant import QuantLinear
 from llavarad.model.tokenizer import Tokenizer
 
+METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"
 
 
 def gradient_problem(model: LlavaRad) -> str | None:
@@ -56,7 +57,6 @@ def gradient_problem(model: LlavaRad) -> str | None:
     where = "a GPU" if model.device.type == "cuda" else "a CPU with neither AVX512 nor AVX2"
     return (f"needs gradients through the decoder, which int4 weights packed for {where} do not give "
             f"(use int8 or no quantization there)")
-METHOD = "gradient x (image feature - mean patch feature) of the sentence's summed log-probability"
 
 
 class TeacherForcing:

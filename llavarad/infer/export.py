@@ -26,7 +26,7 @@ from safetensors.torch import save, save_file
 from torch import Tensor
 
 from llavarad.errors import first_line
-from llavarad.model.config import LlamaConfig, MultimodalConfig, read_json
+from llavarad.model.config import DTYPES, LlamaConfig, MultimodalConfig, read_json
 from llavarad.model.llama import Llama
 from llavarad.model.llava import LlavaRad, Projector
 from llavarad.model.quant import MODES, QUANTIZED, QuantLinear, int4_group, quantize_int4, quantize_int8, tile_int4
@@ -38,7 +38,6 @@ from llavarad.model.weights import (load_adapter, load_file, load_projector, loa
 FORMAT, VERSION, MANIFEST = "llavarad-export", 1, "manifest.json"
 SHARD_BYTES = 2 * 10**9
 ALIGN = 64  # bytes: torch's int8 kernel reads a weight that is not 16-byte aligned wrongly (it crashes)
-DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the manifest's dtype: a torch attribute
 
 
 def is_export(name: str | Path) -> bool:
@@ -171,7 +170,7 @@ def load_export(folder: str | Path, device: str | torch.device, dtype: torch.dty
     be the export's own: quantizing happens when exporting."""
     folder = Path(folder).expanduser()
     manifest = _checked_manifest(folder)
-    dtype = dtype or getattr(torch, manifest["dtype"])
+    dtype = dtype or DTYPES[manifest["dtype"]]
     if quantize not in (None, manifest["quantize"]):
         raise ValueError(f"{folder}: the export is {manifest['quantize'] or 'not quantized'}; --quantize {quantize} "
                          f"asks for another (export again with --quantize {quantize})")
@@ -235,7 +234,7 @@ def _checked_manifest(folder: Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{folder / MANIFEST}: not a {FORMAT} version {VERSION} manifest")
     try:
-        if manifest["quantize"] not in (None, *MODES) or manifest["dtype"] not in DTYPE_NAMES:
+        if manifest["quantize"] not in (None, *MODES) or manifest["dtype"] not in DTYPES:
             raise ValueError(f"{folder / MANIFEST}: unknown quantize {manifest['quantize']!r} or dtype {manifest['dtype']!r}")
         files, decoder = dict(manifest["files"]), list(manifest["decoder"])
     except (KeyError, TypeError) as e:

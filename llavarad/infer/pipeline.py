@@ -27,9 +27,6 @@ from llavarad.model.prompt import build_prompt, build_question
 from llavarad.model.tokenizer import Tokenizer
 from llavarad.model.weights import load_llavarad
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def default_dtype(device: torch.device, quantize: str | None = None) -> torch.dtype:
     """bfloat16 on a GPU, and for a quantized decoder on a CPU: torch's packed CPU kernels, which
     decode, take 5x (int8) and 25x (int4) their bfloat16 time with float32 activations (one 11008 x

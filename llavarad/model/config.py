@@ -4,7 +4,12 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
+
 from llavarad.jsonl import read_text
+
+# The dtypes a model runs in, by the name the command lines and an export's manifest use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -23,6 +23,7 @@ The activations and scales are in the model's dtype (`--dtype`). The backward (Q
 input its gradient through the dequantized weight and the frozen weight none.
 """
 
+import functools
 import math
 import sys
 import threading
@@ -167,17 +168,16 @@ def dequantize_tiles(t: Tensor, scales_and_zeros: Tensor, dtype: torch.dtype, ou
     return w.t()
 
 
+@functools.cache
 def _cpu_tile() -> int | None:
     """The tile width of this CPU's int4 kernel layout where it is tile_int4's (64 with AVX512, 32 with
-    AVX2: torch picks its kernels by the CPU's vector width), else None."""
-    if not hasattr(_cpu_tile, "answer"):
-        q = torch.randint(0, 16, (112, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-        try:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            _cpu_tile.answer = next((t for t in (64, 32) if torch.equal(packed, tile_int4(q, t))), None)
-        except (RuntimeError, NotImplementedError, AttributeError):
-            _cpu_tile.answer = None
-    return _cpu_tile.answer
+    AVX2: torch picks its kernels by the CPU's vector width), else None. Asked of torch's packer once."""
+    q = torch.randint(0, 16, (112, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    return next((t for t in (64, 32) if torch.equal(packed, tile_int4(q, t))), None)
 
 
 class QuantLinear(nn.Module):
