@@ -77,3 +77,24 @@ def end_at_line(path: Path) -> None:
         return
     with open(path, "ab") as f:
         f.write(b"\n")
+
+
+class Appender:
+    """Appends one JSON line per record and flushes it, after ending the file at a line boundary
+    (end_at_line), so a kill loses nothing written. A missing folder is made. `ensure_ascii`: as
+    json.dumps (False keeps reports' non-ASCII text readable)."""
+
+    def __init__(self, path: Path, ensure_ascii: bool = True):
+        if path.is_dir():
+            raise ValueError(f"{path}: is a folder, expected a JSON-lines file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            end_at_line(path)
+        self.file, self.ensure_ascii = open(path, "a", encoding="utf-8"), ensure_ascii
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=self.ensure_ascii) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

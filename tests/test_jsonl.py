@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from llavarad.infer.batch import ResultWriter, read_results
+from llavarad.infer.batch import read_results
 from llavarad.infer.records import load_records
-from llavarad.jsonl import end_at_line, read_jsonl
+from llavarad.jsonl import Appender, end_at_line, read_jsonl
 from llavarad.metrics.inputs import read_predictions
 from llavarad.train.config import parse_train_args
 from llavarad.train.data import load_train_records
@@ -104,7 +104,7 @@ def test_every_reader_accepts_a_leading_byte_order_mark(tmp_path):
     path.write_bytes(codecs.BOM_UTF8 + (json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n").encode())
     assert readers(path) == dict.fromkeys(["query file", "predictions output", "evaluate input"], ["a", 2])
     assert [r.id for r in load_train_records(path, "default")] == ["a", 2]
-    writer = ResultWriter(path)  # a resumed output that begins with one: appended to, still read whole
+    writer = Appender(path)  # a resumed output that begins with one: appended to, still read whole
     writer.write({"id": "c", "prediction": "Clear."})
     writer.close()
     assert [r["id"] for r in read_results(path)] == ["a", 2, "c"]

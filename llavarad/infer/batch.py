@@ -32,7 +32,7 @@ from llavarad.infer.generate import BatchGenerator
 from llavarad.infer.images import load_image, preprocess
 from llavarad.infer.pipeline import context_overflow, embed_images, prompt_ids
 from llavarad.infer.records import Record, is_id
-from llavarad.jsonl import end_at_line, read_jsonl
+from llavarad.jsonl import Appender, read_jsonl
 from llavarad.model.llava import LlavaRad
 from llavarad.model.tokenizer import Tokenizer
 
@@ -94,7 +94,7 @@ def predicted_ids(output: Path) -> set[str | int]:
 def output_problem(output: Path, query_file: Path) -> str | None:
     """Why the predictions cannot go to `output`, or None; checked before anything is read or
     written. The query file itself (the same path, a symlink or a hard link to it) would be appended
-    to and then replaced; a missing folder is made (ResultWriter), so the nearest existing one must
+    to and then replaced; a missing folder is made (jsonl.Appender), so the nearest existing one must
     take a new file."""
     if output.exists() and query_file.exists() and os.path.samefile(output, query_file):
         return f"is the query file {query_file}; give the predictions a file of their own"
@@ -108,25 +108,6 @@ def output_problem(output: Path, query_file: Path) -> str | None:
     if not folder.is_dir():
         return f"{folder} is a file, not a folder"
     return None if os.access(folder, os.W_OK | os.X_OK) else f"cannot create a file in {folder} (permission denied)"
-
-
-class ResultWriter:
-    """Appends one JSON line per report and flushes it, after ending the file at a line boundary."""
-
-    def __init__(self, path: Path):
-        if path.is_dir():
-            raise ValueError(f"{path}: is a folder, expected a predictions file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            end_at_line(path)
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, rec: dict) -> None:
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def merge_results(output: Path, order: list[str | int]) -> None:
@@ -171,7 +152,7 @@ def run_queries(
     barrier()  # every rank has read the finished ids before any rank writes
 
     prompts = [prompt_ids(tokenizer, r.question) for r in mine]
-    writer = ResultWriter(part_path(output, rank, world))
+    writer = Appender(part_path(output, rank, world))
     bar = tqdm(total=len(mine), unit=" reports", desc=f"rank 0 of {world}" if world > 1 else None,
                disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
     failed = predicted = 0

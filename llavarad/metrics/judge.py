@@ -26,8 +26,9 @@ from typing import Callable, Mapping
 from tqdm import tqdm
 
 from llavarad.errors import first_line
+from llavarad.jsonl import Appender
 from llavarad.metrics.chexprompt import PROMPT_ID, SAMPLING, messages, parse_answer
-from llavarad.metrics.ratings import FILE, Appender, read_ratings, reusable, rewrite
+from llavarad.metrics.ratings import FILE, read_ratings, reusable, rewrite
 
 try:
     import openai
@@ -244,7 +245,7 @@ def rate_reports(ids: list, references: list[str], candidates: list[str], settin
         note += f"; {reused} ratings reused from {path}" if reused else ""
         bar.write(f"CheXprompt: sending the reference and generated findings of {len(pairs) - reused} reports to "
                   f"{judge.host} (model {settings.model}){note}", file=sys.stderr)
-        appender = Appender(path)
+        appender = Appender(path, ensure_ascii=False)
 
         def on_line(reference: str, candidate: str, fields: dict) -> None:
             line = {"id": first_id[(reference, candidate)], "reference": reference, "candidate": candidate,

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from llavarad.jsonl import end_at_line, read_jsonl
+from llavarad.jsonl import read_jsonl
 
 FILE = "chexprompt.jsonl"
 OFFICIAL_KEYS = ("id", "reference", "candidate", "rating")
@@ -39,23 +39,6 @@ def read_ratings(path: Path) -> list[dict]:
 def reusable(lines: list[dict], judge: dict) -> dict[tuple[str, str], dict]:
     """(reference, candidate) -> the earlier line whose rating stands: made by this judge, not failed."""
     return {(x["reference"], x["candidate"]): x for x in lines if x["rating"] is not None and x["judge"] == judge}
-
-
-class Appender:
-    """Appends one line per rating as it arrives, flushed, so a kill loses nothing answered."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            end_at_line(path)
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, line: dict) -> None:
-        self.file.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def rewrite(path: Path, lines: list[dict]) -> None:
