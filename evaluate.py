@@ -47,11 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     j.add_argument("--judge-temperature", type=float, default=SAMPLING["temperature"], help="(default: %(default)s, official)")
     j.add_argument("--judge-top-p", type=float, default=SAMPLING["top_p"], help="(default: %(default)s, official)")
     j.add_argument("--judge-max-tokens", type=int, default=SAMPLING["max_tokens"], help="(default: %(default)s, official)")
-    j.add_argument("--judge-retries", type=int, default=1, help="asks again after an answer the official parser cannot "
+    j.add_argument("--judge-retries", type=int, default=JudgeSettings.retries, help="asks again after an answer the official parser cannot "
                                                                "read, then the rating fails (default: %(default)s, official)")
-    j.add_argument("--judge-concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
-    j.add_argument("--judge-rpm", type=float, default=30, help="requests per minute at most; 0: no limit (default: %(default)s, official)")
-    j.add_argument("--judge-timeout", type=float, default=300, help="seconds to wait for one answer (default: %(default)s)")
+    j.add_argument("--judge-concurrency", type=int, default=JudgeSettings.concurrency, help="requests in flight (default: %(default)s)")
+    j.add_argument("--judge-rpm", type=float, default=JudgeSettings.rpm, help="requests per minute at most; 0: no limit (default: %(default)s, official)")
+    j.add_argument("--judge-timeout", type=float, default=JudgeSettings.timeout, help="seconds to wait for one answer (default: %(default)s)")
     return p.parse_args(argv)
 
 

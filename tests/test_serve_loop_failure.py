@@ -58,6 +58,7 @@ def test_a_dead_decode_loop_turns_health_to_503(setup, monkeypatch):
         assert client.get("/health").status_code == 503
         again = client.post("/v1/chat/completions", json=chat_body(image, "Cough."))
         assert again.status_code == 503 and again.json()["error"]["code"] == "model_not_ready"
+        assert "retry-after" not in again.headers  # a dead decode loop does not come back: no Retry-After
 
 
 def test_an_unexpected_exception_is_a_500_in_openai_body_counted_without_a_traceback(setup, monkeypatch, capsys):

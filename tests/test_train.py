@@ -171,7 +171,6 @@ def test_fine_tune_from_the_release_folder(tmp_path, capsys):
         torch.testing.assert_close(saved[f"base_model.model.model.mm_projector.{key}"], value, rtol=0, atol=1e-10)
 
 
-
 def test_train_bench_smoke_matches_transformers_peft(tmp_path):
     """bench/train_bench.py --tiny on the CPU: every row runs, and given our spliced input embeddings,
     the same weights and labels, transformers + peft's first step equals ours in float32: the loss

@@ -53,17 +53,13 @@ def drawn_size(w: int, h: int) -> tuple[float, int, int]:
     return scale, max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def positive_heat(grid: np.ndarray, w: int, h: int, size: int, out_w: int, out_h: int) -> np.ndarray:
-    """`grid` (g, g)'s positive part scaled to its maximum, over a w x h image drawn at out_w x out_h: (out_h, out_w) in [0, 1]."""
+def _heat(grid: np.ndarray, w: int, h: int, size: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """(scale, heat (H, W, 1) in [0, 1], its colour (H, W, 3)): `grid` (g, g)'s positive part scaled
+    to its maximum, over a w x h image at drawn_size()."""
+    scale, out_w, out_h = drawn_size(w, h)
     positive = np.maximum(grid, 0)
     peak = positive.max()
-    return grid_to_image(positive / peak if peak > 0 else positive, w, h, size, out_w, out_h)
-
-
-def _heat(grid: np.ndarray, w: int, h: int, size: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """(scale, heat (H, W, 1) in [0, 1], its colour (H, W, 3)): `grid` over a w x h image at drawn_size()."""
-    scale, out_w, out_h = drawn_size(w, h)
-    heat = positive_heat(grid, w, h, size, out_w, out_h)
+    heat = grid_to_image(positive / peak if peak > 0 else positive, w, h, size, out_w, out_h)
     return scale, heat[..., None], colorize(heat)
 
 

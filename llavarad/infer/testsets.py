@@ -30,7 +30,8 @@ def load_test_set(path: str | Path, loader: str, split: str | None = None, image
     if loader == "openi":
         records, where = load_openi(path), ""
     else:
-        records, where = load_chexpert_plus(path, split or DEFAULT_SPLIT, image_folder), f" in split {split or DEFAULT_SPLIT!r}"
+        split = split or DEFAULT_SPLIT
+        records, where = load_chexpert_plus(path, split, image_folder), f" in split {split!r}"
     if not records:
         raise ValueError(f"{path}: no frontal image of a report with findings{where}")
     return records
@@ -64,7 +65,7 @@ def load_openi(path: Path) -> list[Record]:
     folder = path.parent if path.is_file() else path
     if path.is_file() or (folder / REPORTS).exists():
         return _openi_csv(path if path.is_file() else folder / REPORTS, folder / PROJECTIONS)
-    xmls = sorted((folder / "ecgen-radiology").glob("*.xml")) or sorted(folder.glob("*.xml"))
+    xmls = list((folder / "ecgen-radiology").glob("*.xml")) or list(folder.glob("*.xml"))
     if not xmls:
         raise ValueError(f"{folder}: neither {REPORTS} nor report XMLs (ecgen-radiology/*.xml) for --loader openi")
     table = folder / PROJECTIONS
@@ -95,13 +96,14 @@ def _openi_xml(path: Path) -> tuple[str, str, str, list[str]] | None:
     except ET.ParseError as e:
         raise ValueError(f"{path}: not valid XML ({e})") from None
     uid = root.find("uId")
-    if uid is None or not uid.get("id", "").startswith("CXR"):
+    uid = "" if uid is None else uid.get("id", "")
+    if not uid.startswith("CXR"):
         raise ValueError(f"{path}: no <uId id=\"CXR...\"> (not an Open-I report XML)")
     sections = {a.get("Label"): (a.text or "").strip() for a in root.iter("AbstractText")}
     if not sections.get("FINDINGS"):
         return None
     images = [p.get("id") for p in root.iter("parentImage") if p.get("id")]
-    return uid.get("id").removeprefix("CXR"), sections.get("INDICATION", ""), sections["FINDINGS"], images
+    return uid.removeprefix("CXR"), sections.get("INDICATION", ""), sections["FINDINGS"], images
 
 
 def _image_part(name: str) -> str:

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 _RETRY = (429, 503)
+_LATER = ("queue_full", "shutting_down")  # the refusals a retry of the same request can get past
 
 
 def outcome_of(status: int) -> str:
@@ -31,4 +32,4 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), self.status, headers={"Retry-After": "1"} if self.status in _RETRY else None)
+        return JSONResponse(self.body(), self.status, headers={"Retry-After": "1"} if self.code in _LATER else None)

@@ -72,11 +72,10 @@ def _max_tokens(body: dict, cap: int) -> int:
     return value
 
 
-def check_text(value: str, field: str, param: str) -> str:
+def check_text(value: str, field: str, param: str) -> None:
     """A lone surrogate (JSON's "\\ud800" escape), which no tokenizer takes, is refused, as infer.py refuses it."""
     if (i := lone_surrogate(value)) is not None:
         raise _invalid(f"{field} holds a lone surrogate (\\u{ord(value[i]):04x}), not text", param)
-    return value
 
 
 def decode_data_url(url: object, max_bytes: int) -> bytes:
